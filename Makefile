@@ -1,0 +1,42 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.selfsup-installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+# GPU present: the one-GPU preset; otherwise the 2-core CPU preset (<= 15 minutes).
+DEMO_PRESET ?= $(shell $(PY) -c "import torch; print('simclr-fmnist' if torch.cuda.is_available() else 'simclr-fmnist-cpu')" 2>/dev/null || echo simclr-fmnist-cpu)
+
+.PHONY: demo test install data clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST: Debian's package where we can install it; otherwise selfsup searches data.root,
+# $$SELFSUP_DATA and tries torchvision's download (data.download=true), naming every path it tried.
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] || [ -n "$$SELFSUP_DATA" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null) || \
+	  echo "could not apt-get dataset-fashion-mnist; the run will try torchvision's download"; \
+	else echo "Fashion-MNIST not in $(FMNIST_DIR): run 'sudo apt-get install dataset-fashion-mnist' or set SELFSUP_DATA=DIR"; fi
+
+demo: $(STAMP) data
+	$(VENV)/bin/selfsup train $(DEMO_PRESET) run_dir=$(RUN_DIR) $(if $(SELFSUP_DATA),,$(if $(wildcard $(FMNIST_DIR)/*),,data.download=true))
+	$(VENV)/bin/selfsup eval knn --run $(RUN_DIR)
+	@echo "run directory: $(RUN_DIR)"
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

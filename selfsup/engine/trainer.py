@@ -1,0 +1,309 @@
+"""The training loop shared by every method: data on the device, batched augmentation, precision,
+DDP, logging, the kNN monitor, atomic checkpoints and exact resume.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from ..config import ConfigError
+from ..data.augment import build_augment
+from ..data.datasets import build_dataset
+from ..eval.knn import extract_features, knn_accuracy
+from ..methods import METHODS
+from ..models.backbones import build_backbone
+from ..optim import build_optimizer, build_scheduler
+from ..parallel import distributed as D
+from .checkpoint import load_checkpoint, load_state_checked, save_checkpoint
+from .logging import MetricLogger
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped without writing a checkpoint."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda when available, else cpu. 'cuda' without a GPU is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: DictConfig, device: torch.device):
+    """bf16 autocast on cuda by default (train.precision=auto), none on cpu."""
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def build_model(cfg: DictConfig):
+    """The method module (encoder, head and the method's own state) for `cfg`."""
+    backbone, feat_dim = build_backbone(cfg.model.backbone, cfg.model.cifar_stem, cfg.model.width)
+    return METHODS[cfg.method](cfg, backbone, feat_dim)
+
+
+def load_eval_data(cfg: DictConfig, train_ds=None):
+    """(train, test) labelled datasets for the kNN monitor; reuses `train_ds` when the splits agree."""
+    d = cfg.data
+    kw = dict(root=d.root, download=d.download, image_size=d.image_size, on_error=d.on_error)
+    train = train_ds if (train_ds is not None and cfg.eval.train_split == d.train_split) else \
+        build_dataset(d.name, cfg.eval.train_split, **kw)
+    return train, build_dataset(d.name, cfg.eval.test_split, **kw)
+
+
+def knn_eval(encoder, cfg, train_ds, test_ds, device, amp) -> dict:
+    """Weighted kNN top-1/top-5 of `encoder` on clean (test-transform) features of train and test."""
+    size = cfg.data.image_size
+    ftr = extract_features(encoder, train_ds.images, cfg.eval.batch_size, device, size, amp)
+    fte = extract_features(encoder, test_ds.images, cfg.eval.batch_size, device, size, amp)
+    return knn_accuracy(ftr, train_ds.labels.to(device), fte, test_ds.labels.to(device),
+                        cfg.eval.knn_k, cfg.eval.knn_temperature, train_ds.num_classes)
+
+
+def knn_protocol(cfg) -> str:
+    """How a kNN number was measured, stored beside it."""
+    return (f"weighted kNN k={cfg.eval.knn_k} t={cfg.eval.knn_temperature} on clean (test-transform) "
+            f"features, {cfg.eval.train_split} -> {cfg.eval.test_split}")
+
+
+def _default_run_dir(cfg) -> str:
+    name = cfg.preset or cfg.method
+    run_dir = f"runs/{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if D.is_dist():   # every rank must write to the same folder
+        box = [run_dir]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = box[0]
+    return run_dir
+
+
+def _rng_state(aug_gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if D.is_dist():   # each rank's augmentation stream, so a resume on the same world size is exact
+        states = [None] * D.world_size()
+        dist.all_gather_object(states, state["aug"].cpu())
+        state["aug_all"] = states
+    return state
+
+
+def train(cfg: DictConfig, resume: str | None = None) -> dict:
+    """Train `cfg` (or resume the run in directory `resume`); return the final metrics.
+
+    Rank 0 writes RUN_DIR/{config.yaml, metrics.jsonl, tensorboard/, checkpoints/last.pt,
+    encoder.safetensors}. Under torchrun, the encoder and head are wrapped in DDP.
+    """
+    rank, local_rank, world = D.setup_distributed()
+    try:
+        return _train(cfg, resume, rank, local_rank, world)
+    finally:
+        D.cleanup_distributed()
+
+
+def _train(cfg, resume, rank, local_rank, world):
+    main = rank == 0
+    device = resolve_device(cfg.device, local_rank)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(Path(resume) / "checkpoints" / "last.pt")
+        cfg.run_dir = str(resume)
+    if cfg.run_dir is None:
+        cfg.run_dir = _default_run_dir(cfg)
+    run_dir = Path(cfg.run_dir)
+    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
+        raise ConfigError(f"run directory '{run_dir}' already holds a checkpoint: continue it with "
+                          f"`selfsup train --resume {run_dir}` or choose another run_dir=...")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    torch.manual_seed(cfg.seed)
+
+    # data: one uint8 tensor, resident on the accelerator when there is one
+    d = cfg.data
+    ds = build_dataset(d.name, d.train_split, root=d.root, download=d.download, image_size=d.image_size,
+                       on_error=d.on_error)
+    if d.on_device and device.type == "cuda":
+        ds = ds.to(device)
+    eval_data = load_eval_data(cfg, ds) if cfg.eval.every > 0 else None
+    if eval_data is not None and (eval_data[0].labels < 0).any():
+        print(f"[selfsup] split '{cfg.eval.train_split}' has no labels: kNN monitor off")
+        eval_data = None
+    size = d.image_size or ds.images.shape[-1]
+    a = cfg.aug
+    aug = build_augment(a.preset, size, **({"strength": a.strength} if a.preset == "simclr" else {}),
+                        blur=a.blur, crop_scale=tuple(a.crop_scale), jitter_p=a.jitter_p, gray_p=a.gray_p,
+                        solarize_p=a.solarize_p)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world}")
+    local_bs = cfg.train.batch_size // world
+    steps_per_epoch = len(ds) // cfg.train.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"dataset has {len(ds)} images, fewer than train.batch_size={cfg.train.batch_size}")
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    # model, optimiser, schedule
+    model = build_model(cfg).to(device)
+    amp = autocast_dtype(cfg, device)
+    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1 and cfg.train.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    lr = cfg.train.lr if cfg.train.lr is not None else cfg.train.base_lr * cfg.train.batch_size / 256
+    opt = build_optimizer(model, cfg.train.optimizer, lr, cfg.train.weight_decay, cfg.train.momentum)
+    sched_steps = cfg.train.epochs * steps_per_epoch
+    sched = build_scheduler(opt, sched_steps, int(cfg.train.warmup_epochs * steps_per_epoch), cfg.train.schedule)
+    step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
+    logger = MetricLogger(run_dir, enabled=main)
+    if ckpt is not None:
+        load_state_checked(model, ckpt["model"], "model")
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        elapsed_before = ckpt["elapsed"]
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        aug_states = rng.get("aug_all") or [rng["aug"]]
+        if len(aug_states) == world:
+            aug_gen.set_state(aug_states[rank].to(aug_gen.get_state().device))
+        elif main:
+            print(f"[selfsup] resuming on {world} processes from a run on {len(aug_states)}: "
+                  "augmentation streams are re-seeded, so the resume is not bit-exact")
+        logger.truncate_lines(ckpt["log_lines"])
+        if main:
+            print(f"[selfsup] resumed {run_dir} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        net = torch.compile(net)
+
+    saved_step = -1
+
+    def checkpoint():
+        nonlocal saved_step
+        if saved_step == step:
+            return
+        saved_step = step
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:   # never write a checkpoint from a NaN state
+            raise NonFiniteLossError(f"non-finite parameters ({', '.join(bad[:3])}...) at step {step}; "
+                                     f"the last good checkpoint in {run_dir / 'checkpoints'} is kept. "
+                                     "Try a lower train.lr / train.base_lr or train.precision=fp32.")
+        rng = _rng_state(aug_gen)   # collective under DDP: every rank calls it
+        if main:
+            save_checkpoint({"format": 1, "config": OmegaConf.to_yaml(cfg), "model": model.state_dict(),
+                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                             "elapsed": wall(), "rng": rng, "world_size": world,
+                             "log_lines": logger.lines()}, run_dir / "checkpoints" / "last.pt")
+
+    t_start = time.perf_counter()
+
+    def wall():
+        return elapsed_before + time.perf_counter() - t_start
+
+    def check_finite(loss):
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {step}, epoch {epoch}. Training stopped; the last "
+                f"good checkpoint (if any) is untouched in {run_dir / 'checkpoints'}. Try a lower train.lr "
+                "or train.base_lr, a longer train.warmup_epochs, or train.precision=fp32.")
+
+    last = {"step": step}
+    knn_res, knn_step = {}, -1
+    bar = tqdm(total=total_steps, initial=step, disable=None if main else True, desc="train", dynamic_ncols=True)
+    t_log, step_log = time.perf_counter(), step
+    net.train()
+    while step < total_steps:
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        while batch_in_epoch < steps_per_epoch and step < total_steps:
+            start = batch_in_epoch * cfg.train.batch_size + rank * local_bs
+            index = perm[start:start + local_bs].to(ds.images.device)
+            images = ds.images[index].to(device, non_blocking=True)
+            views = [aug(images, aug_gen) for _ in range(model.n_views)]
+            if channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = net(views, index.to(device))
+            loss = out["loss"]
+            if device.type == "cpu" or (step + 1) % cfg.train.log_every == 0:
+                check_finite(loss)   # on GPU only when logging: no host sync inside the step
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            model.after_step()
+            step += 1
+            batch_in_epoch += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                check_finite(loss)
+                now = time.perf_counter()
+                views_s = (step - step_log) * cfg.train.batch_size * model.n_views / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
+                last = {"event": "train", "step": step, "epoch": epoch, "loss": D.all_reduce_mean(loss.detach()).item(),
+                        "lr": opt.param_groups[0]["lr"], "views_per_s": views_s, "wall_time": wall()}
+                last.update({k: float(v) for k, v in out.items() if k != "loss"})
+                logger.log(last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                checkpoint()
+        if batch_in_epoch < steps_per_epoch:
+            break   # stopped early by train.max_steps
+        if eval_data is not None and (epoch + 1) % cfg.eval.every == 0:
+            knn_res, knn_step = knn_eval(model.encoder, cfg, *eval_data, device, amp), step
+            logger.log({"event": "knn", "step": step, "epoch": epoch + 1, **knn_res, "wall_time": wall(),
+                        "protocol": knn_protocol(cfg)})
+            bar.write(f"epoch {epoch + 1}: knn_top1 {knn_res['knn_top1']:.4f}")
+        epoch, batch_in_epoch = epoch + 1, 0
+        checkpoint()
+    bar.close()
+
+    if eval_data is not None and knn_step != step:
+        knn_res = knn_eval(model.encoder, cfg, *eval_data, device, amp)
+        logger.log({"event": "knn", "step": step, "epoch": epoch, **knn_res, "wall_time": wall(),
+                    "protocol": knn_protocol(cfg)})
+    checkpoint()
+    final = {"event": "final", "run_dir": str(run_dir), "step": step, "epoch": epoch,
+             "loss": last.get("loss"), "wall_time": wall(), **knn_res}
+    if main:
+        export_encoder(model.encoder, run_dir / "encoder.safetensors")
+        logger.log(final)
+    logger.close()
+    return final
+
+
+def export_encoder(encoder: torch.nn.Module, path: Path) -> None:
+    """Save the encoder's state dict as safetensors (torchvision ResNet key names, no fc)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "producer": "selfsup"})
+    tmp.replace(path)
+

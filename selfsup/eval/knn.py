@@ -1,0 +1,70 @@
+"""Weighted kNN classifier on L2-normalised features (InstDisc / MoCo-demo protocol).
+
+For a query q: s_i = <q, v_i> against every training feature, keep the top-k, weight each
+neighbour by exp(s_i / temperature), sum weights per class, predict the argmax.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.augment import eval_transform
+from ..parallel.distributed import all_gather_no_grad, rank, world_size
+
+
+def knn_scores(train_feats: Tensor, train_labels: Tensor, query: Tensor, k: int, temperature: float,
+               num_classes: int, chunk: int = 512) -> Tensor:
+    """Class scores (Q, num_classes) for `query` (Q, D) against `train_feats` (N, D).
+
+    Features must already be L2-normalised. k is clipped to N.
+    """
+    k = min(k, train_feats.shape[0])
+    out = []
+    for q in query.split(chunk):
+        sim, idx = (q @ train_feats.T).topk(k, dim=1)                    # (q, k)
+        weight = (sim / temperature).exp()
+        scores = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=weight.dtype)
+        out.append(scores.scatter_add_(1, train_labels[idx], weight))
+    return torch.cat(out)
+
+
+def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
+                 k: int = 200, temperature: float = 0.1, num_classes: int | None = None) -> dict:
+    """Top-1 (and top-5 when there are more than 5 classes) accuracy of the weighted kNN classifier."""
+    num_classes = num_classes or int(train_labels.max()) + 1
+    scores = knn_scores(train_feats, train_labels, test_feats, k, temperature, num_classes)
+    top = scores.topk(min(5, num_classes), dim=1).indices
+    hit = top == test_labels[:, None]
+    res = {"knn_top1": hit[:, 0].float().mean().item()}
+    if num_classes > 5:
+        res["knn_top5"] = hit.any(dim=1).float().mean().item()
+    return res
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 1024, device=None,
+                     image_size: int | None = None, autocast_dtype=None, normalize: bool = True) -> Tensor:
+    """Encoder features (N, D) float32 of uint8 `images` (N, C, H, W) with the clean test transform.
+
+    Under torch.distributed every rank encodes a strided shard and the shards are all-gathered, so
+    every rank returns the features of all N images in their original order.
+    """
+    device = device or next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    r, w = rank(), world_size()
+    n = images.shape[0]
+    per_rank = -(-n // w)
+    idx = torch.arange(r, per_rank * w, w) % n                        # pad by wrapping; dropped below
+    feats = []
+    for chunk in idx.split(batch_size):
+        x = eval_transform(images[chunk.to(images.device)].to(device, non_blocking=True), image_size)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            f = encoder(x)
+        feats.append(f.float())
+    feats = torch.cat(feats)
+    if w > 1:   # rank-strided order -> original order
+        feats = all_gather_no_grad(feats).view(w, per_rank, -1).transpose(0, 1).reshape(w * per_rank, -1)[:n]
+    encoder.train(was_training)
+    return F.normalize(feats, dim=1) if normalize else feats

@@ -1,0 +1,4 @@
+"""Method registry: name -> Method subclass."""
+from .simclr import SimCLR
+
+METHODS = {"simclr": SimCLR}

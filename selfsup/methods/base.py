@@ -1,0 +1,39 @@
+"""What every method shares: an encoder f, a projection head g, and the hooks the trainer calls.
+
+A method owns only what differs between methods: its extra state, its loss (`forward`), and its
+after-step hook. The trainer knows nothing of any one method.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..models.heads import projection_head
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `n_views` and implement `forward(views, index) -> dict`.
+
+    forward returns a dict with at least "loss" (a scalar tensor); other entries are logged.
+    `views` is a list of `n_views` float tensors (B, 3, H, W); `index` the (B,) instance indices.
+    """
+
+    n_views: int = 2
+
+    def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.feat_dim = feat_dim
+        m = cfg.model
+        self.head = projection_head(feat_dim, m.head_hidden or feat_dim, m.proj_dim, m.head_layers)
+
+    def forward(self, views: list[Tensor], index: Tensor) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The representation network f used downstream (kNN, linear eval, export)."""
+        return self.backbone
+
+    def after_step(self) -> None:
+        """Called once after each optimiser step (EMA updates, queues, banks)."""

@@ -1,0 +1,49 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from selfsup.cli import main
+
+from conftest import TINY
+
+
+def last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_list_presets(capsys):
+    assert main(["train", "--list"]) == 0
+    assert "simclr-fmnist-cpu" in capsys.readouterr().out.split()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "no-such-preset"], "Valid presets"),
+    (["train", "simclr-fmnist-cpu", "train.nope=1"], "Valid keys"),
+    (["train", "simclr-fmnist-cpu", "method=byol"], "Valid methods"),
+    (["train", "--resume", "/nonexistent/run"], "not a run directory"),
+    (["eval", "knn", "--run", "/nonexistent/run"], "does not exist"),
+])
+def test_bad_input_exits_2_with_a_clear_message(argv, needle, capsys):
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_missing_dataset_names_the_paths_tried(tmp_path, capsys):
+    argv = ["train", "simclr-fmnist-cpu", "data.name=cifar10", f"data.root={tmp_path}", f"run_dir={tmp_path / 'r'}"]
+    assert main(argv) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_train_then_eval_knn(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "train.epochs=1", f"run_dir={run}"]) == 0
+    trained = last_json(capsys)
+    assert trained["run_dir"] == str(run) and "knn_top1" in trained
+    assert main(["eval", "knn", "--run", str(run)]) == 0
+    res = last_json(capsys)
+    assert res["knn_top1"] == pytest.approx(trained["knn_top1"])
+    assert json.loads((run / "eval/knn.json").read_text())["knn_top1"] == res["knn_top1"]
+    assert "k=20" in res["protocol"]
+    assert main(["eval", "knn", "--checkpoint", str(run / "checkpoints/last.pt"), "eval.knn_k=5"]) == 0
+    assert "k=5" in last_json(capsys)["protocol"]
