@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2
-    if result is not None:
+    if result is not None and os.environ.get("RANK", "0") == "0":   # one line per job, not per rank
         print(json.dumps(result))
     return 0
 

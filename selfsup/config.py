@@ -54,6 +54,24 @@ class SimCLRConfig:
 
 
 @dataclass
+class MoCoConfig:                       # defaults: the MoCo CIFAR-10 demo
+    queue_size: int = 4096              # K negatives in the FIFO queue
+    momentum: float = 0.99              # key encoder EMA m
+    temperature: float = 0.1
+    symmetric: bool = False             # L(q1, k2) + L(q2, k1), both key sets enqueued
+    shuffle_bn: bool = True             # cross-rank shuffle BN; split BN on one device
+    bn_splits: int = 8                  # sub-batches of split BN (one device only)
+
+
+@dataclass
+class InstDiscConfig:
+    loss: str = "nce"                   # nce | softmax
+    nce_k: int = 4096                   # noise samples per step (NCE)
+    temperature: float = 0.07
+    bank_momentum: float = 0.5          # v <- normalize(m v + (1 - m) f)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 100
     max_steps: Optional[int] = None     # stop early after this many steps
@@ -72,7 +90,7 @@ class TrainConfig:
     compile: bool = False
     threads: Optional[int] = None       # torch CPU threads; None: torch default
     deterministic: bool = False
-    sync_bn: bool = True                # synchronised (global) BN when distributed
+    sync_bn: bool = True                # synchronised (global) BN when distributed on GPUs (per-rank BN on CPU)
 
 
 @dataclass
@@ -96,6 +114,8 @@ class Config:
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    moco: MoCoConfig = field(default_factory=MoCoConfig)
+    instdisc: InstDiscConfig = field(default_factory=InstDiscConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -184,6 +204,7 @@ def validate(cfg: DictConfig) -> None:
         "train.schedule": ("cosine", "constant"),
         "train.precision": ("auto", "bf16", "fp32"),
         "data.on_error": ("raise", "skip"),
+        "instdisc.loss": ("nce", "softmax"),
     }
     for key, valid in choices.items():
         value = OmegaConf.select(cfg, key)

@@ -2,10 +2,14 @@
 
 The numerical core (:func:`nt_xent_local`) is a pure function of its inputs;
 :func:`nt_xent` adds the cross-rank gathering of candidates when running under
-``torch.distributed``.
+``torch.distributed``.  :func:`info_nce` (MoCo), :func:`nce_loss`,
+:func:`nce_normalizer` and :func:`instance_softmax` (InstDisc) are pure
+functions: no state, no distributed calls.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +17,7 @@ from torch import Tensor
 
 from selfsup.parallel.distributed import all_gather_with_grad, is_dist, rank, world_size
 
-__all__ = ["nt_xent", "nt_xent_local"]
+__all__ = ["nt_xent", "nt_xent_local", "info_nce", "nce_loss", "nce_normalizer", "instance_softmax"]
 
 
 def _compute_dtype(*xs: Tensor) -> torch.dtype:
@@ -92,3 +96,114 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
         z1_all, z2_all = all_gather_with_grad(z1), all_gather_with_grad(z2)
         return nt_xent_local(z1, z2, z1_all, z2_all, rank() * z1.shape[0], temperature)
     return nt_xent_local(z1, z2, z1, z2, 0, temperature)
+
+
+def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.1) -> Tensor:
+    """InfoNCE loss of MoCo with a queue of negatives (pure function).
+
+    Args:
+        q: ``(B, D)`` queries; k: ``(B, D)`` their positive keys (row ``i`` of
+            ``k`` is the positive of row ``i`` of ``q``); queue: ``(K, D)``
+            negative keys.  All are L2-normalised here (need not be on input).
+        temperature: softmax temperature ``t``.
+
+    Returns:
+        Scalar: mean over the ``B`` queries of
+        ``-log(exp(q.k/t) / (exp(q.k/t) + sum_j exp(q.queue_j/t)))``, i.e.
+        cross entropy of the ``(B, 1+K)`` logits with label 0.  Computed in
+        float32 (float64 if an input is float64) with autocast disabled.
+    """
+    if q.dim() != 2 or q.shape != k.shape or queue.dim() != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(f"bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, queue {tuple(queue.shape)}")
+    dtype = _compute_dtype(q, k, queue)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = F.normalize(q.to(dtype), dim=1)
+        k = F.normalize(k.to(dtype), dim=1)
+        queue = F.normalize(queue.to(dtype), dim=1)
+        pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
+        neg = q @ queue.T  # (B, K)
+        logits = torch.cat([pos, neg], dim=1) / temperature  # (B, 1+K)
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits, labels)
+
+
+def _nce_scores(f: Tensor, bank_pos: Tensor, bank_noise: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Scaled similarities ``(B,)`` of f to its positive and ``(B, K)`` to the noise rows."""
+    pos = (f * bank_pos).sum(dim=1) / temperature
+    if bank_noise.dim() == 2:  # (K, D) shared by the whole batch
+        noise = f @ bank_noise.T / temperature
+    else:  # (B, K, D) per-sample noise
+        noise = torch.einsum("bd,bkd->bk", f, bank_noise) / temperature
+    return pos, noise
+
+
+def nce_normalizer(f: Tensor, bank_pos: Tensor, bank_noise: Tensor, temperature: float, n_data: int) -> Tensor:
+    """Monte-Carlo estimate of the InstDisc partition function ``Z = sum_i exp(v_i.f/t)``.
+
+    ``Z ~= N * mean(exp(v.f/t))`` over the positive and noise rows of one batch
+    (Wu et al. 2018 estimate it once, on the first batch, and keep it fixed).
+    Shapes as in :func:`nce_loss`; ``f`` is L2-normalised here.  Returns a
+    detached scalar (float32, float64 for float64 inputs).
+    """
+    dtype = _compute_dtype(f, bank_pos, bank_noise)
+    with torch.no_grad(), torch.autocast(device_type=f.device.type, enabled=False):
+        f = F.normalize(f.to(dtype), dim=1)
+        pos, noise = _nce_scores(f, bank_pos.to(dtype), bank_noise.to(dtype), temperature)
+        return torch.cat([pos.exp(), noise.exp().flatten()]).mean() * n_data
+
+
+def nce_loss(f: Tensor, bank_pos: Tensor, bank_noise: Tensor, Z, temperature: float, n_data: int) -> Tensor:
+    """Noise-contrastive estimation loss of InstDisc (Wu et al. 2018), pure function.
+
+    With ``P(i|f) = exp(v_i.f/t) / Z``, ``m = K`` noise samples from the uniform
+    noise distribution ``Pn = 1/N`` and ``h(i, f) = P(i|f) / (P(i|f) + m Pn)``::
+
+        loss = mean over the batch of  -log h(pos) - sum_{j=1..K} log(1 - h(noise_j))
+
+    evaluated in the log domain (``log(P + m Pn)`` by logaddexp, no epsilon).
+
+    Args:
+        f: ``(B, D)`` embeddings (L2-normalised here; gradients flow through f).
+        bank_pos: ``(B, D)`` memory-bank rows of the samples' own instances
+            (unit norm, no gradient expected).
+        bank_noise: ``(K, D)`` noise rows shared by the batch, or
+            ``(B, K, D)`` per-sample noise rows (unit norm).
+        Z: the normaliser (float or scalar tensor, see :func:`nce_normalizer`).
+        temperature: ``t``.
+        n_data: ``N``, the number of instances (memory-bank rows).
+
+    Returns:
+        Scalar loss, float32 (float64 for float64 inputs), autocast disabled.
+    """
+    if f.dim() != 2 or bank_pos.shape != f.shape or bank_noise.shape[-1] != f.shape[1]:
+        raise ValueError(f"bad shapes f {tuple(f.shape)}, bank_pos {tuple(bank_pos.shape)}, "
+                         f"bank_noise {tuple(bank_noise.shape)}")
+    dtype = _compute_dtype(f, bank_pos, bank_noise)
+    with torch.autocast(device_type=f.device.type, enabled=False):
+        f = F.normalize(f.to(dtype), dim=1)
+        pos, noise = _nce_scores(f, bank_pos.to(dtype), bank_noise.to(dtype), temperature)
+        log_z = torch.log(torch.as_tensor(Z, dtype=dtype, device=f.device))
+        log_mpn = math.log(noise.shape[1] / n_data)  # log(m * Pn)
+        log_p_pos, log_p_noise = pos - log_z, noise - log_z
+        log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, torch.full_like(log_p_pos, log_mpn))
+        log_1mh_noise = log_mpn - torch.logaddexp(log_p_noise, torch.full_like(log_p_noise, log_mpn))
+        return -(log_h_pos + log_1mh_noise.sum(dim=1)).mean()
+
+
+def instance_softmax(f: Tensor, bank: Tensor, index: Tensor, temperature: float = 0.07) -> Tensor:
+    """Full non-parametric softmax of InstDisc over the memory bank (pure function).
+
+    Args:
+        f: ``(B, D)`` embeddings (L2-normalised here).
+        bank: ``(N, D)`` memory bank (unit-norm rows, no gradient expected).
+        index: ``(B,)`` int64 instance indices (the labels).
+        temperature: ``t``.
+
+    Returns:
+        Scalar ``cross_entropy(f @ bank.T / t, index)`` (mean over B), float32
+        (float64 for float64 inputs), autocast disabled.
+    """
+    dtype = _compute_dtype(f, bank)
+    with torch.autocast(device_type=f.device.type, enabled=False):
+        f = F.normalize(f.to(dtype), dim=1)
+        return F.cross_entropy(f @ bank.to(dtype).T / temperature, index)

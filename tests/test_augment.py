@@ -156,8 +156,8 @@ def test_masked_hue_paths_agree():
     x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([True, False, True, True, False, False])
     shift = torch.tensor([0.1, 0.2, -0.4, 0.5, 0.0, 0.3])
-    a = _masked_hue(x, mask, shift, subset=True)
-    b = _masked_hue(x, mask, shift, subset=False)
+    a = _masked_hue(x.clone(), mask, shift, subset=True)  # may work in place
+    b = _masked_hue(x.clone(), mask, shift, subset=False)
     torch.testing.assert_close(a, b, atol=TOL, rtol=0)
     torch.testing.assert_close(a[~mask], x[~mask])
 
@@ -334,6 +334,11 @@ def test_presets():
     assert mocov2_augment(32).blur_p == 0.0
     a = mocov1_augment(32)
     assert a.jitter_p == 1.0 and a.jitter == (0.4, 0.4, 0.4, 0.4) and a.blur_p == 0.0
+    # Every preset takes the same keyword set (as the trainer passes them).
+    for name in AUGMENT_PRESETS:
+        a = build_augment(name, 96, blur=True, crop_scale=(0.3, 1.0), jitter_p=0.5, gray_p=0.1, solarize_p=0.2)
+        assert a.blur_p == 0.5 and a.crop_scale == (0.3, 1.0) and a.solarize_p == 0.2
+        assert build_augment(name, 96, blur=None).blur_p == (0.0 if name == "mocov1" else 0.5)
     assert build_augment("simclr", 32, gray_p=0.0).gray_p == 0.0
     assert set(AUGMENT_PRESETS) == {"simclr", "mocov2", "mocov1"}
     with pytest.raises(ValueError, match="mocov1"):

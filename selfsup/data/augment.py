@@ -173,7 +173,7 @@ def _color_jitter(
             (op == _CONTRAST).view(bsz, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), gray
         )
         ref = torch.where((op == _BRIGHTNESS).view(bsz, 1, 1, 1), torch.zeros_like(ref), ref)
-        x = (factor * x + (1.0 - factor) * ref).clamp(0.0, 1.0)
+        x = torch.lerp(ref, x, factor).clamp_(0.0, 1.0)  # factor * x + (1 - factor) * ref
         if x.shape[1] == 3:
             x = _masked_hue(x, apply & (op == _HUE) & (hue != 0), hue)
     return x
@@ -183,7 +183,7 @@ def _masked_hue(x: Tensor, mask: Tensor, shift: Tensor, subset: bool | None = No
     """Hue-rotate the samples of (B, 3, H, W) ``x`` where ``mask`` (B,) is set, others unchanged.
 
     ``subset`` (default: on CPU) computes only the selected samples (needs the
-    selected indices on the host); otherwise the whole batch is rotated and the
+    selected indices on the host) and writes them into ``x`` in place; otherwise the whole batch is rotated and the
     result selected with ``torch.where`` (no host synchronisation, for GPUs).
     """
     if subset is None:
@@ -193,7 +193,7 @@ def _masked_hue(x: Tensor, mask: Tensor, shift: Tensor, subset: bool | None = No
     idx = mask.nonzero().squeeze(1)
     if idx.numel() == 0:
         return x
-    return x.index_copy(0, idx, _adjust_hue(x.index_select(0, idx), shift.index_select(0, idx)))
+    return x.index_copy_(0, idx, _adjust_hue(x.index_select(0, idx), shift.index_select(0, idx)))
 
 
 def _gaussian_kernels(ksize: int, sigma: Tensor) -> Tensor:
@@ -508,10 +508,15 @@ def mocov2_augment(size: int, blur: bool | None = None, **overrides) -> BatchAug
     return BatchAugment(size, **kwargs)
 
 
-def mocov1_augment(size: int, **overrides) -> BatchAugment:
-    """MoCo v1: crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.4) always, grayscale p=0.2, flip 0.5."""
+def mocov1_augment(size: int, blur: bool | None = None, **overrides) -> BatchAugment:
+    """MoCo v1: crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.4) always, grayscale p=0.2, flip 0.5.
+
+    No blur in MoCo v1; ``blur=True`` adds gaussian blur p=0.5 (``None``/``False``: off),
+    so that every preset accepts the same ``blur`` argument.
+    """
     kwargs = dict(
-        crop_scale=(0.2, 1.0), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2, blur_p=0.0
+        crop_scale=(0.2, 1.0), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2,
+        blur_p=0.5 if blur else 0.0, blur_sigma=(0.1, 2.0), blur_kernel_frac=0.1,
     )
     kwargs.update(overrides)
     return BatchAugment(size, **kwargs)

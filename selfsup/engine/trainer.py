@@ -105,11 +105,13 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     Rank 0 writes RUN_DIR/{config.yaml, metrics.jsonl, tensorboard/, checkpoints/last.pt,
     encoder.safetensors}. Under torchrun, the encoder and head are wrapped in DDP.
     """
+    owns_group = not D.is_dist()   # a process group made by the caller is left to the caller
     rank, local_rank, world = D.setup_distributed()
     try:
         return _train(cfg, resume, rank, local_rank, world)
     finally:
-        D.cleanup_distributed()
+        if owns_group:
+            D.cleanup_distributed()
 
 
 def _train(cfg, resume, rank, local_rank, world):
@@ -162,12 +164,14 @@ def _train(cfg, resume, rank, local_rank, world):
         total_steps = min(total_steps, cfg.train.max_steps)
 
     # model, optimiser, schedule
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    model.setup(len(ds))   # per-instance state (InstDisc memory bank) sized from the dataset
+    model = model.to(device)
     amp = autocast_dtype(cfg, device)
     channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if world > 1 and cfg.train.sync_bn:
+    if world > 1 and cfg.train.sync_bn and device.type == "cuda":   # torch's SyncBatchNorm is GPU-only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     lr = cfg.train.lr if cfg.train.lr is not None else cfg.train.base_lr * cfg.train.batch_size / 256
     opt = build_optimizer(model, cfg.train.optimizer, lr, cfg.train.weight_decay, cfg.train.momentum)

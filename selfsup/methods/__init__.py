@@ -1,4 +1,6 @@
 """Method registry: name -> Method subclass."""
+from .instdisc import InstDisc
+from .moco import MoCo
 from .simclr import SimCLR
 
-METHODS = {"simclr": SimCLR}
+METHODS = {"simclr": SimCLR, "moco": MoCo, "instdisc": InstDisc}

@@ -35,5 +35,9 @@ class Method(nn.Module):
         """The representation network f used downstream (kNN, linear eval, export)."""
         return self.backbone
 
+    def setup(self, num_samples: int) -> None:
+        """Called by the trainer once, before the optimiser is built, with the training set's size
+        N (methods with per-instance state size it here). No-op by default."""
+
     def after_step(self) -> None:
         """Called once after each optimiser step (EMA updates, queues, banks)."""

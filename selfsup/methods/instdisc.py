@@ -1,0 +1,88 @@
+"""InstDisc (Wu et al. 2018): non-parametric instance discrimination with a memory bank.
+
+One view per image, f = normalize(g(f(x))) (``model.head_layers=1``: the paper's linear 128-d
+head). Settings in ``cfg.instdisc`` (see ``InstDiscConfig``).
+
+State (all in ``state_dict``): ``bank`` (N, D) unit-norm rows, initialised uniform in
+[-1, 1) then normalised (global torch RNG) in :meth:`setup`; ``Z`` the NCE normaliser
+(0 = not yet estimated).
+
+* ``loss=softmax``: full softmax over the bank, ``cross_entropy(f V^T / t, index)``.
+* ``loss=nce``: NCE with ``nce_k`` noise rows drawn uniformly from the N rows (global torch RNG,
+  which the trainer checkpoints). One noise set is shared by the whole local batch (B x K x D
+  memory avoided). The positive is the bank row of the sample's own instance. ``Z`` is
+  estimated on the first batch as ``N * mean(exp(v.f/t))`` over its positive and noise rows
+  (averaged over ranks), then kept fixed.
+* After each step every rank applies ``v_i <- normalize(m v_i + (1 - m) f_i)`` (``m =
+  bank_momentum``) for the features and indices of ALL ranks (all-gathered), so the bank stays
+  identical on every rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..losses import instance_softmax, nce_loss, nce_normalizer
+from ..parallel import distributed as D
+from .base import Method
+
+
+class InstDisc(Method):
+    """InstDisc. forward(views=[x], index) -> {"loss"}; after_step: memory-bank update."""
+
+    n_views = 1
+
+    def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
+        super().__init__(cfg, backbone, feat_dim)
+        self.register_buffer("bank", torch.empty(0, cfg.model.proj_dim))   # sized in setup()
+        self.register_buffer("Z", torch.zeros(()))
+        self._pending: tuple[Tensor, Tensor] | None = None
+        self._z_known = False   # host-side cache of "Z > 0": no device sync per step once set
+
+    def setup(self, num_samples: int) -> None:
+        """Allocate the (N, D) memory bank: rows uniform in [-1, 1), L2-normalised."""
+        d = self.bank.shape[1]
+        bank = torch.rand(num_samples, d, device=self.bank.device) * 2 - 1
+        self.bank = F.normalize(bank, dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a model built without setup() (e.g. to read a checkpoint's encoder) takes the bank's size
+        # from the checkpoint; a bank already sized by setup() must match it
+        key = prefix + "bank"
+        self._z_known = False
+        if key in state_dict and self.bank.shape[0] == 0:
+            self.bank = torch.empty_like(state_dict[key], device=self.bank.device, dtype=self.bank.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, views, index):
+        c = self.cfg.instdisc
+        n = self.bank.shape[0]
+        if n == 0:
+            raise RuntimeError("InstDisc memory bank is empty: call setup(num_samples) before training")
+        f = self.head(self.backbone(views[0]))                          # (B, D)
+        if c.loss == "softmax":
+            loss = instance_softmax(f, self.bank, index, c.temperature)
+        else:
+            noise = self.bank[torch.randint(n, (c.nce_k,), device=self.bank.device)]   # (K, D)
+            pos = self.bank[index]                                       # (B, D)
+            if not self._z_known:
+                if float(self.Z) == 0.0:   # first batch: estimate Z once (same value on every rank)
+                    self.Z.fill_(D.all_reduce_mean(nce_normalizer(f, pos, noise, c.temperature, n)).item())
+                self._z_known = True
+            loss = nce_loss(f, pos, noise, self.Z, c.temperature, n)
+        self._pending = (F.normalize(f.detach().to(self.bank.dtype), dim=1), index)
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def update_bank(self, f: Tensor, index: Tensor) -> None:
+        """v_i <- normalize(m v_i + (1 - m) f_i) for the rows ``index`` (n,), f (n, D) unit norm."""
+        m = self.cfg.instdisc.bank_momentum
+        self.bank[index] = F.normalize(self.bank[index] * m + f * (1.0 - m), dim=1)
+
+    def after_step(self) -> None:
+        """Update the bank with this step's features and indices from all ranks."""
+        if self._pending is not None:
+            f, index = self._pending
+            self.update_bank(D.all_gather_no_grad(f), D.all_gather_no_grad(index))
+            self._pending = None

@@ -1,0 +1,136 @@
+"""MoCo v1/v2: query encoder, EMA key encoder, FIFO queue of negative keys, InfoNCE, shuffle BN.
+
+v1: ``model.head_layers=1`` (linear 128-d head), aug preset mocov1. v2: ``model.head_layers=2``
+(MLP head), aug preset mocov2, cosine lr. Settings in ``cfg.moco`` (see ``MoCoConfig``).
+
+State (all in ``state_dict``, so checkpointed and restored): the key encoder
+(``key_backbone``, ``key_head``), ``queue`` (K, D) of unit-norm keys, and ``queue_ptr`` (the
+next row to write).
+
+Choices where the sources leave room:
+
+* The EMA ``theta_k <- m theta_k + (1 - m) theta_q`` runs in :meth:`after_step`, i.e. right
+  after the optimiser step, which equals MoCo's update at the start of the next forward.
+* BN buffers of the key encoder are EMA-updated like the parameters (float buffers:
+  running mean/var); integer buffers (``num_batches_tracked``) are copied. The key encoder's
+  BN momentum is set to 0, so its own forwards (train mode: batch statistics) leave its
+  running statistics untouched: they are exactly an EMA of the query encoder's.
+* Keys are enqueued in :meth:`after_step` (all ranks' keys, gathered in rank order), so the
+  loss of a step uses the queue as it was before that step, as in MoCo.
+* Shuffle BN (``moco.shuffle_bn``): across ranks under torch.distributed (each rank one
+  sub-batch of the shuffled global batch); on one device split BN into ``moco.bn_splits``
+  shuffled sub-batches. See :mod:`selfsup.parallel.shuffle_bn`. With ``train.sync_bn=true``
+  under torch.distributed the key encoder's BN is synchronised too, which undoes the shuffle:
+  the MoCo presets set ``train.sync_bn: false``.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..losses import info_nce
+from ..parallel import distributed as D
+from ..parallel.shuffle_bn import shuffle_bn_forward, split_bn_forward
+from .base import Method
+
+
+class MoCo(Method):
+    """MoCo. forward(views=[x1, x2], index) -> {"loss"}; after_step: EMA + enqueue."""
+
+    n_views = 2
+
+    def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
+        super().__init__(cfg, backbone, feat_dim)
+        c = cfg.moco
+        if c.queue_size < 1 or not 0.0 <= c.momentum <= 1.0:
+            raise ValueError(f"moco.queue_size must be >= 1 and moco.momentum in [0, 1], "
+                             f"got {c.queue_size}, {c.momentum}")
+        self.key_backbone = copy.deepcopy(self.backbone)
+        self.key_head = copy.deepcopy(self.head)
+        for p in self.key_params():
+            p.requires_grad_(False)
+        for mod in self.key_modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.momentum = 0.0   # running stats come only from the EMA (see module docstring)
+        dim = cfg.model.proj_dim
+        self.register_buffer("queue", F.normalize(torch.randn(c.queue_size, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._pending_keys: list[Tensor] = []
+
+    def key_modules(self):
+        return list(self.key_backbone.modules()) + list(self.key_head.modules())
+
+    def key_params(self):
+        return list(self.key_backbone.parameters()) + list(self.key_head.parameters())
+
+    def query(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, D) query embeddings (not normalised)."""
+        return self.head(self.backbone(x))
+
+    @torch.no_grad()
+    def keys(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, D) unit-norm keys from the key encoder, in x's order (shuffle BN)."""
+        def enc(v):
+            return self.key_head(self.key_backbone(v))
+
+        c = self.cfg.moco
+        if not c.shuffle_bn:
+            k = enc(x)
+        elif D.is_dist() and D.world_size() > 1:
+            k = shuffle_bn_forward(enc, x)
+        else:
+            k = split_bn_forward(enc, x, c.bn_splits)
+        return F.normalize(k.to(self.queue.dtype), dim=1)
+
+    def forward(self, views, index):
+        c = self.cfg.moco
+        x1, x2 = views
+        queue = self.queue   # keys of earlier steps; this step's keys are enqueued in after_step
+        q1, k2 = self.query(x1), self.keys(x2)
+        if c.symmetric:
+            q2, k1 = self.query(x2), self.keys(x1)
+            loss = info_nce(q1, k2, queue, c.temperature) + info_nce(q2, k1, queue, c.temperature)
+            self._pending_keys = [k1, k2]
+        else:
+            loss = info_nce(q1, k2, queue, c.temperature)
+            self._pending_keys = [k2]
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Write (n, D) keys into the FIFO queue at the pointer, wrapping around; any n.
+
+        With n > K only the last K keys are kept (they land where a row-by-row write would
+        leave them). The pointer advances by n modulo K.
+        """
+        k_size, n = self.queue.shape[0], keys.shape[0]
+        ptr = int(self.queue_ptr)
+        if n > k_size:
+            ptr, keys = (ptr + n - k_size) % k_size, keys[n - k_size:]
+        rows = (ptr + torch.arange(keys.shape[0], device=keys.device)) % k_size
+        self.queue[rows] = keys.to(self.queue.dtype)
+        self.queue_ptr.fill_((ptr + keys.shape[0]) % k_size)
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q for parameters and float buffers; int buffers copied."""
+        m = self.cfg.moco.momentum
+        for src, dst in ((self.backbone, self.key_backbone), (self.head, self.key_head)):
+            for pq, pk in zip(src.parameters(), dst.parameters()):
+                pk.mul_(m).add_(pq.detach() * (1.0 - m))
+            for bq, bk in zip(src.buffers(), dst.buffers()):
+                if bk.is_floating_point():
+                    bk.mul_(m).add_(bq * (1.0 - m))
+                else:
+                    bk.copy_(bq)
+
+    def after_step(self) -> None:
+        """Enqueue this step's keys from all ranks (rank order; both key sets when symmetric),
+        then EMA-update the key encoder."""
+        for k in self._pending_keys:
+            self.enqueue(D.all_gather_no_grad(k))
+        self._pending_keys = []
+        self.momentum_update()
