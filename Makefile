@@ -5,15 +5,15 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.selfsup-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
-RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
-# GPU present: the one-GPU preset; otherwise the 2-core CPU preset (<= 15 minutes).
-DEMO_PRESET ?= $(shell $(PY) -c "import torch; print('simclr-fmnist' if torch.cuda.is_available() else 'simclr-fmnist-cpu')" 2>/dev/null || echo simclr-fmnist-cpu)
+TIMESTAMP := $(shell date +%Y%m%d-%H%M%S)
+RUN_DIR ?= runs/demo-$(TIMESTAMP)
+# DEMO_PRESET unset: simclr-fmnist with a GPU, else simclr-fmnist-cpu (2 cores, <= 15 minutes).
+DEMO_PRESET ?=
 
 .PHONY: demo test install data clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
@@ -31,7 +31,10 @@ data:
 	else echo "Fashion-MNIST not in $(FMNIST_DIR): run 'sudo apt-get install dataset-fashion-mnist' or set SELFSUP_DATA=DIR"; fi
 
 demo: $(STAMP) data
-	$(VENV)/bin/selfsup train $(DEMO_PRESET) run_dir=$(RUN_DIR) $(if $(SELFSUP_DATA),,$(if $(wildcard $(FMNIST_DIR)/*),,data.download=true))
+	@preset="$(DEMO_PRESET)"; \
+	[ -n "$$preset" ] || preset=$$($(PY) -c "import torch; print('simclr-fmnist' if torch.cuda.is_available() else 'simclr-fmnist-cpu')"); \
+	echo "selfsup train $$preset run_dir=$(RUN_DIR)"; \
+	$(VENV)/bin/selfsup train $$preset run_dir=$(RUN_DIR) $(if $(SELFSUP_DATA),,$(if $(wildcard $(FMNIST_DIR)/*),,data.download=true))
 	$(VENV)/bin/selfsup eval knn --run $(RUN_DIR)
 	@echo "run directory: $(RUN_DIR)"
 

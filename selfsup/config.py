@@ -86,7 +86,7 @@ class TrainConfig:
     checkpoint_every: Optional[int] = None  # steps; None: each epoch's end
     log_every: int = 50                 # steps
     precision: str = "auto"             # auto (bf16 on cuda) | bf16 | fp32
-    channels_last: Optional[bool] = None  # None: on for cuda
+    channels_last: bool = True          # NHWC activations (faster with cuDNN and with oneDNN on CPU)
     compile: bool = False
     threads: Optional[int] = None       # torch CPU threads; None: torch default
     deterministic: bool = False

@@ -56,11 +56,17 @@ def build_model(cfg: DictConfig):
 
 def load_eval_data(cfg: DictConfig, train_ds=None):
     """(train, test) labelled datasets for the kNN monitor; reuses `train_ds` when the splits agree."""
-    d = cfg.data
-    kw = dict(root=d.root, download=d.download, image_size=d.image_size, on_error=d.on_error)
     train = train_ds if (train_ds is not None and cfg.eval.train_split == d.train_split) else \
-        build_dataset(d.name, cfg.eval.train_split, **kw)
-    return train, build_dataset(d.name, cfg.eval.test_split, **kw)
+        load_split(cfg, cfg.eval.train_split)
+    return train, load_split(cfg, cfg.eval.test_split)
+
+
+def load_split(cfg: DictConfig, split: str):
+    """The dataset `cfg.data.name`, split `split`, with the data.* options."""
+    d = cfg.data
+    extra = {"num_workers": d.num_workers} if d.name == "imagefolder" and d.num_workers else {}
+    return build_dataset(d.name, split, root=d.root, download=d.download, image_size=d.image_size,
+                         on_error=d.on_error, **extra)
 
 
 def knn_eval(encoder, cfg, train_ds, test_ds, device, amp) -> dict:
@@ -138,8 +144,7 @@ def _train(cfg, resume, rank, local_rank, world):
 
     # data: one uint8 tensor, resident on the accelerator when there is one
     d = cfg.data
-    ds = build_dataset(d.name, d.train_split, root=d.root, download=d.download, image_size=d.image_size,
-                       on_error=d.on_error)
+    ds = load_split(cfg, d.train_split)
     if d.on_device and device.type == "cuda":
         ds = ds.to(device)
     eval_data = load_eval_data(cfg, ds) if cfg.eval.every > 0 else None
@@ -168,7 +173,7 @@ def _train(cfg, resume, rank, local_rank, world):
     model.setup(len(ds))   # per-instance state (InstDisc memory bank) sized from the dataset
     model = model.to(device)
     amp = autocast_dtype(cfg, device)
-    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
+    channels_last = cfg.train.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and cfg.train.sync_bn and device.type == "cuda":   # torch's SyncBatchNorm is GPU-only
