@@ -56,7 +56,7 @@ def build_model(cfg: DictConfig):
 
 def load_eval_data(cfg: DictConfig, train_ds=None):
     """(train, test) labelled datasets for the kNN monitor; reuses `train_ds` when the splits agree."""
-    train = train_ds if (train_ds is not None and cfg.eval.train_split == d.train_split) else \
+    train = train_ds if (train_ds is not None and cfg.eval.train_split == cfg.data.train_split) else \
         load_split(cfg, cfg.eval.train_split)
     return train, load_split(cfg, cfg.eval.test_split)
 
