@@ -1,7 +1,10 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+from selfsup.engine.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)   # deterministic and fair on a 2-core CI machine
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -19,3 +22,14 @@ TINY = [
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return TINY + [f"run_dir={tmp_path / 'run'}"]
+
+
+def assert_same_model(run_a, run_b) -> dict:
+    """Assert the last checkpoints of two run directories hold bit-identical model states
+    (parameters and buffers: queues, banks, pointers). Returns run_a's state."""
+    sa = load_checkpoint(Path(run_a) / "checkpoints/last.pt")["model"]
+    sb = load_checkpoint(Path(run_b) / "checkpoints/last.pt")["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"{k} differs"
+    return sa

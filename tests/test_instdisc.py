@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY
+from conftest import TINY, assert_same_model
 from dist_utils import run_distributed
 from selfsup.config import load_config
 from selfsup.engine.checkpoint import load_checkpoint
@@ -119,9 +119,5 @@ def test_stop_and_resume_is_exact_with_bank_and_z(tmp_path):
     mid = load_checkpoint(tmp_path / "b/checkpoints/last.pt")["model"]
     assert float(mid["Z"]) > 0 and mid["bank"].shape == (2000, 16)
     train(load_config(str(tmp_path / "b/config.yaml"), ["train.max_steps=12"]), resume=str(tmp_path / "b"))
-    sa = load_checkpoint(tmp_path / "a/checkpoints/last.pt")["model"]
-    sb = load_checkpoint(tmp_path / "b/checkpoints/last.pt")["model"]
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    sa = assert_same_model(tmp_path / "a", tmp_path / "b")
     assert torch.equal(sa["Z"], mid["Z"])   # estimated once, kept after resume

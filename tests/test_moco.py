@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY
+from conftest import TINY, assert_same_model
 from dist_utils import run_distributed
 from selfsup.config import load_config
 from selfsup.engine.checkpoint import load_checkpoint
@@ -224,9 +224,5 @@ def test_stop_and_resume_is_exact_with_a_filled_queue(tmp_path):
     mid = load_checkpoint(tmp_path / "b/checkpoints/last.pt")["model"]
     assert int(mid["queue_ptr"]) == (9 * 2 * 32) % 80   # wrapped several times, pointer mid-queue
     train(load_config(str(tmp_path / "b/config.yaml"), ["train.max_steps=14"]), resume=str(tmp_path / "b"))
-    sa = load_checkpoint(tmp_path / "a/checkpoints/last.pt")["model"]
-    sb = load_checkpoint(tmp_path / "b/checkpoints/last.pt")["model"]
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    sa = assert_same_model(tmp_path / "a", tmp_path / "b")
     assert int(sa["queue_ptr"]) == (14 * 2 * 32) % 80

@@ -13,19 +13,12 @@ from selfsup.config import ConfigError, load_config
 from selfsup.engine.checkpoint import load_checkpoint
 from selfsup.engine.trainer import NonFiniteLossError, train
 
-from conftest import TINY
+from conftest import TINY, assert_same_model
 
 
 def events(run_dir, kind):
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if json.loads(line)["event"] == kind]
-
-
-def same_model(a, b):
-    sa, sb = load_checkpoint(Path(a) / "checkpoints/last.pt")["model"], load_checkpoint(Path(b) / "checkpoints/last.pt")["model"]
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), f"parameter {k} differs"
 
 
 def stable(e):   # what must match between an interrupted and an uninterrupted run
@@ -54,7 +47,7 @@ def test_stop_and_resume_is_exact(tmp_path):
     train(load_config(None, TINY + [f"run_dir={tmp_path / 'b'}", "train.max_steps=71"]))   # mid epoch 2
     assert load_checkpoint(tmp_path / "b/checkpoints/last.pt")["step"] == 71
     resumed = train(load_config(str(tmp_path / "b/config.yaml"), ["train.max_steps=null"]), resume=str(tmp_path / "b"))
-    same_model(tmp_path / "a", tmp_path / "b")
+    assert_same_model(tmp_path / "a", tmp_path / "b")
     assert resumed["knn_top1"] == full["knn_top1"] and resumed["loss"] == full["loss"]
 
 
@@ -78,7 +71,7 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     final = json.loads(out.stdout.strip().splitlines()[-1])
     assert final["step"] == 3 * 62
-    same_model(tmp_path / "a", tmp_path / "b")
+    assert_same_model(tmp_path / "a", tmp_path / "b")
     for kind in ("train", "knn"):   # the resumed log has no gaps and no duplicates
         assert [stable(e) for e in events(tmp_path / "a", kind)] == [stable(e) for e in events(tmp_path / "b", kind)]
     fa, fb = events(tmp_path / "a", "final")[0], events(tmp_path / "b", "final")[0]
