@@ -36,7 +36,10 @@ demo: $(STAMP) data
 	echo "selfsup train $$preset run_dir=$(RUN_DIR)"; \
 	$(VENV)/bin/selfsup train $$preset run_dir=$(RUN_DIR) $(if $(SELFSUP_DATA),,$(if $(wildcard $(FMNIST_DIR)/*),,data.download=true))
 	$(VENV)/bin/selfsup eval knn --run $(RUN_DIR)
+	$(VENV)/bin/selfsup visualize --run $(RUN_DIR) --method tsne --max-points 2000
+	$(VENV)/bin/selfsup report --run $(RUN_DIR)
 	@echo "run directory: $(RUN_DIR)"
+	@echo "report: $(RUN_DIR)/report.html (and report.md)"
 
 test: $(STAMP)
 	$(PY) -m pytest

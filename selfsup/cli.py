@@ -3,6 +3,17 @@
     selfsup train PRESET_OR_YAML [key=value ...]      train (presets: `selfsup train --list`)
     selfsup train --resume RUN_DIR [key=value ...]    continue a run exactly where it stopped
     selfsup eval knn --run RUN_DIR [key=value ...]    weighted kNN of a run's encoder
+        [--k 10,20,200 --t 0.07,0.1]                  ... plus a sweep of k x t in one pass
+    selfsup eval linear --run RUN_DIR [key=value ...] linear classifier on the frozen encoder
+                                                      (eval.linear_mode=features | augment)
+    selfsup eval logreg --run RUN_DIR [key=value ...] L2 logistic regression (L-BFGS), l2 picked
+                                                      on a held-out part of the train split
+    selfsup eval finetune --run RUN_DIR [key=value ...]  fine-tune on 1% / 10% class-balanced labels
+    selfsup embed --run RUN_DIR [--split test]        export features (npy/safetensors) and
+                                                      TensorBoard projector files
+    selfsup visualize --run RUN_DIR [--method tsne]   2-D map of the features and a
+                                                      nearest-neighbour grid (PNG under RUN_DIR/eval)
+    selfsup report --run RUN_DIR                      RUN_DIR/report.html and report.md
 
 Every command prints its metrics as one JSON object on its last line.
 """
@@ -36,8 +47,12 @@ def _cmd_train(args) -> dict:
     return train(load_config(args.preset, args.overrides))
 
 
-def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None, overrides: list[str]):
-    """(cfg, encoder) of a run directory, or of a checkpoint file plus its config."""
+def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None, overrides: list[str],
+                     head: bool = False):
+    """(cfg, encoder) of a run directory, or of a checkpoint file plus its config.
+
+    head=True: the encoder followed by the projection head (from a full checkpoint; a run's
+    encoder.safetensors holds the encoder only)."""
     import torch
 
     from .config import ConfigError, config_from_text, load_config
@@ -48,7 +63,11 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
         cfg = load_config(str(Path(run) / "config.yaml"), overrides)
         cfg.run_dir = run
         enc_file = Path(run) / "encoder.safetensors"
-        checkpoint = checkpoint or (None if enc_file.is_file() else str(Path(run) / "checkpoints" / "last.pt"))
+        use_enc_file = enc_file.is_file() and not head
+        checkpoint = checkpoint or (None if use_enc_file else str(Path(run) / "checkpoints" / "last.pt"))
+        if head and not Path(checkpoint).is_file():
+            raise ConfigError(f"--head needs the full model: {checkpoint} is missing "
+                              "(encoder.safetensors holds the encoder only)")
     elif checkpoint:   # a selfsup checkpoint carries its own config
         cfg = load_config(config, overrides) if config else \
             config_from_text(load_checkpoint(checkpoint)["config"], overrides, f"checkpoint {checkpoint}")
@@ -62,22 +81,189 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
         from safetensors.torch import load_file
 
         load_state_checked(model.encoder, load_file(str(enc_file)), "encoder")
-    return cfg, model.encoder.to(torch.device("cpu"))
+    net = torch.nn.Sequential(model.backbone, model.head) if head else model.encoder
+    return cfg, net.to(torch.device("cpu"))
+
+
+def _number_list(text: str, cast, option: str) -> list:
+    from .config import ConfigError
+
+    try:
+        values = [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{option} takes comma-separated positive numbers, e.g. {option} 10,20,200; got '{text}'")
+    return values
+
+
+def _check_labelled(ds, split: str, what: str) -> None:
+    from .config import ConfigError
+
+    if ds.num_classes == 0 or (ds.labels < 0).any():
+        raise ConfigError(f"split '{split}' ({ds.name}) has no labels: {what} needs a labelled split")
+
+
+def _split_features(encoder, cfg, images, device, normalize: bool = True):
+    from .engine.trainer import autocast_dtype
+    from .eval.knn import extract_features
+
+    return extract_features(encoder, images, cfg.eval.batch_size, device, cfg.data.image_size,
+                            autocast_dtype(cfg, device), normalize=normalize)
 
 
 def _cmd_eval_knn(args) -> dict:
-    from .engine.trainer import autocast_dtype, knn_eval, knn_protocol, load_eval_data, resolve_device
+    from .engine.trainer import knn_protocol, load_eval_data, resolve_device
+    from .eval.knn import knn_sweep
 
+    ks = _number_list(args.k, int, "--k") if args.k else None
+    ts = _number_list(args.t, float, "--t") if args.t else None
     cfg, encoder = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides)
+    ks, ts = ks or [cfg.eval.knn_k], ts or [cfg.eval.knn_temperature]
     device = resolve_device(cfg.device)
     encoder = encoder.to(device)
-    res = knn_eval(encoder, cfg, *load_eval_data(cfg), device, autocast_dtype(cfg, device))
+    train_ds, test_ds = load_eval_data(cfg)
+    _check_labelled(train_ds, cfg.eval.train_split, "kNN")
+    _check_labelled(test_ds, cfg.eval.test_split, "kNN")
+    ftr = _split_features(encoder, cfg, train_ds.images, device)
+    fte = _split_features(encoder, cfg, test_ds.images, device)
+    k0, t0 = cfg.eval.knn_k, cfg.eval.knn_temperature   # the main result; the sweep rides on the same search
+    table = knn_sweep(ftr, train_ds.labels.to(device), fte, test_ds.labels.to(device), list(dict.fromkeys([k0, *ks])),
+                      list(dict.fromkeys([t0, *ts])), train_ds.num_classes)
+    main = next(r for r in table if r["k"] == k0 and r["t"] == t0)
+    res = {"knn_top1": main["top1"], **({"knn_top5": main["top5"]} if main["top5"] is not None else {})}
     res["protocol"] = knn_protocol(cfg)
+    if args.k or args.t:
+        res["sweep"] = [r for k in ks for t in ts for r in table if r["k"] == k and r["t"] == t]
     if cfg.run_dir:
         out = Path(cfg.run_dir) / "eval"
         out.mkdir(parents=True, exist_ok=True)
         (out / "knn.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
+
+
+def _eval_inputs(args, finetune: bool = False):
+    """(cfg, encoder, head, train_ds, test_ds, device, amp) for `eval linear|logreg|finetune`; head is
+    the projection head when finetune and eval.finetune_from_head_layer > 0 (from the full
+    checkpoint), else None. The datasets go to the GPU when data.on_device."""
+    from .engine.trainer import autocast_dtype, load_eval_data, resolve_device
+
+    cfg, encoder = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides)
+    head = None
+    if finetune and cfg.eval.finetune_from_head_layer:
+        cfg, net = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides, head=True)
+        encoder, head = net[0], net[1]
+    device = resolve_device(cfg.device)
+    train_ds, test_ds = load_eval_data(cfg)
+    if cfg.data.on_device and device.type == "cuda":
+        train_ds, test_ds = train_ds.to(device), test_ds.to(device)
+    return cfg, encoder.to(device), head, train_ds, test_ds, device, autocast_dtype(cfg, device)
+
+
+def _save_eval(cfg, name: str, res: dict) -> dict:
+    """Write `res` to RUN_DIR/eval/<name>.json (when there is a run directory); return it."""
+    if cfg.run_dir:
+        out = Path(cfg.run_dir) / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+def _cmd_eval_linear(args) -> dict:
+    from .eval.linear import linear_eval
+
+    cfg, encoder, _, train_ds, test_ds, device, amp = _eval_inputs(args)
+    return _save_eval(cfg, "linear", linear_eval(encoder, cfg, train_ds, test_ds, device, amp))
+
+
+def _cmd_eval_logreg(args) -> dict:
+    from .eval.logreg import logreg_eval
+
+    cfg, encoder, _, train_ds, test_ds, device, amp = _eval_inputs(args)
+    return _save_eval(cfg, "logreg", logreg_eval(encoder, cfg, train_ds, test_ds, device, amp))
+
+
+def _cmd_eval_finetune(args) -> dict:
+    from .eval.finetune import finetune_eval
+
+    cfg, encoder, head, train_ds, test_ds, device, amp = _eval_inputs(args, finetune=True)
+    out = Path(cfg.run_dir) / "eval" if cfg.run_dir else None   # the subsets' indices go beside the result
+    return _save_eval(cfg, "finetune", finetune_eval(encoder, cfg, train_ds, test_ds, device, amp, head, out))
+
+
+def _out_dir(cfg, out: str | None, name: str) -> Path:
+    from .config import ConfigError
+
+    if out:
+        return Path(out)
+    if not cfg.run_dir:
+        raise ConfigError("give --out DIR: with --checkpoint there is no run directory to write into")
+    return Path(cfg.run_dir) / "eval" / name
+
+
+def _cmd_embed(args) -> dict:
+    from .engine.trainer import load_split, resolve_device
+    from .eval.embed import export_embeddings
+
+    cfg, net = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides, head=args.head)
+    space = "head" if args.head else "backbone"
+    out = _out_dir(cfg, args.out, f"embed-{args.split}" + ("-head" if args.head else ""))
+    device = resolve_device(cfg.device)
+    ds = load_split(cfg, args.split)
+    feats = _split_features(net.to(device), cfg, ds.images, device, normalize=False).cpu()
+    res = export_embeddings(out, feats, ds, args.format, args.max_points or None, f"{space} features, {args.split}")
+    res.pop("classes")
+    return {**res, "space": space, "split": args.split}
+
+
+def _cmd_visualize(args) -> dict:
+    import torch
+
+    from .config import ConfigError
+    from .engine.trainer import load_split, resolve_device
+    from .eval.embed import subset_indices
+    from .eval.visualize import nearest_neighbours, pick_queries, plot_map, plot_neighbours, reduce_2d
+
+    if args.queries < 1 or args.neighbours < 1:
+        raise ConfigError("--queries and --neighbours must be at least 1")
+    cfg, encoder = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides)
+    out = _out_dir(cfg, args.out, "")
+    device = resolve_device(cfg.device)
+    encoder = encoder.to(device)
+    ds = load_split(cfg, args.split)
+    _check_labelled(ds, args.split, "visualize")
+    bank_ds = ds if args.split == cfg.eval.train_split else load_split(cfg, cfg.eval.train_split)
+    _check_labelled(bank_ds, cfg.eval.train_split, "the nearest-neighbour grid")
+    out.mkdir(parents=True, exist_ok=True)
+
+    sub = subset_indices(len(ds), args.max_points or None)
+    feats = _split_features(encoder, cfg, ds.images[sub.to(ds.images.device)], device).cpu()
+    xy = reduce_2d(feats.numpy(), args.method)
+    name = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}[args.method]
+    title = f"{name} of {args.split} features ({len(sub)} points, {cfg.method}, {cfg.data.name})"
+    map_path = plot_map(xy, ds.labels[sub].cpu().numpy(), ds.classes,
+                        out / f"map-{args.method}-{args.split}.png", title)
+
+    queries = pick_queries(ds.labels, args.queries)
+    fq = _split_features(encoder, cfg, ds.images[queries.to(ds.images.device)], device)
+    bank = _split_features(encoder, cfg, bank_ds.images, device)
+    same = bank_ds is ds
+    nb = nearest_neighbours(fq, bank, args.neighbours + same).cpu()
+    if same:   # a query from the training split is its own nearest neighbour: leave it out
+        nb = torch.stack([row[row != i][:args.neighbours] for row, i in zip(nb, queries)])
+    qy, ny = ds.labels.cpu()[queries], bank_ds.labels.cpu()[nb]
+    nb_path = plot_neighbours(ds.images.cpu()[queries], qy, bank_ds.images.cpu()[nb], ny, ds.classes,
+                              out / f"neighbours-{args.split}.png",
+                              f"{args.split} queries and their nearest {cfg.eval.train_split} images (cosine, "
+                              "green: same class, red: other)")
+    return {"map": str(map_path), "neighbours": str(nb_path), "method": args.method, "split": args.split,
+            "points": len(sub), "neighbour_precision": (ny == qy[:, None]).float().mean().item()}
+
+
+def _cmd_report(args) -> dict:
+    from .report import write_report
+
+    return write_report(args.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +281,43 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--run", metavar="RUN_DIR")
     k.add_argument("--checkpoint", metavar="FILE")
     k.add_argument("--config", metavar="YAML")
+    k.add_argument("--k", metavar="K1,K2,...", help="also report a sweep over these k (one search, top-max(k))")
+    k.add_argument("--t", metavar="T1,T2,...", help="also report a sweep over these temperatures")
     k.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. eval.knn_k=20")
     k.set_defaults(fn=_cmd_eval_knn)
+    for name, fn, text in (
+            ("linear", _cmd_eval_linear, "linear classifier on the frozen encoder (eval.linear_*)"),
+            ("logreg", _cmd_eval_logreg, "L2 logistic regression by L-BFGS on clean features (eval.logreg_*)"),
+            ("finetune", _cmd_eval_finetune, "fine-tune the whole network on 1%/10% labels (eval.finetune_*)")):
+        ev = esub.add_parser(name, help=text)
+        ev.add_argument("--run", metavar="RUN_DIR")
+        ev.add_argument("--checkpoint", metavar="FILE")
+        ev.add_argument("--config", metavar="YAML")
+        ev.add_argument("overrides", nargs="*", help=f"config overrides as key=value, e.g. eval.{name}_"
+                        f"{'max_iter=500' if name == 'logreg' else 'epochs=10'}")
+        ev.set_defaults(fn=fn)
+    em = sub.add_parser("embed", help="export clean features of a split and TensorBoard projector files")
+    vi = sub.add_parser("visualize", help="2-D map of the features and a nearest-neighbour grid (PNG)")
+    for a in (em, vi):
+        a.add_argument("--run", metavar="RUN_DIR")
+        a.add_argument("--checkpoint", metavar="FILE")
+        a.add_argument("--config", metavar="YAML")
+        a.add_argument("--split", default="test", help="split whose images are used (default: test)")
+        a.add_argument("overrides", nargs="*", help="config overrides as key=value")
+    em.add_argument("--format", choices=("npy", "safetensors"), default="npy")
+    em.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/eval/embed-SPLIT)")
+    em.add_argument("--head", action="store_true", help="projection-head features instead of backbone features")
+    em.add_argument("--max-points", type=int, default=5000, help="projector points, a fixed random subset (0: all)")
+    em.set_defaults(fn=_cmd_embed)
+    vi.add_argument("--method", choices=("tsne", "umap", "pca"), default="tsne")
+    vi.add_argument("--max-points", type=int, default=2000, help="points on the map, a fixed random subset (0: all)")
+    vi.add_argument("--queries", type=int, default=8, help="query rows of the neighbour grid")
+    vi.add_argument("--neighbours", type=int, default=8, help="neighbours per query")
+    vi.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/eval)")
+    vi.set_defaults(fn=_cmd_visualize)
+    r = sub.add_parser("report", help="RUN_DIR/report.html (self-contained) and RUN_DIR/report.md")
+    r.add_argument("--run", metavar="RUN_DIR", required=True)
+    r.set_defaults(fn=_cmd_report)
     return p
 
 

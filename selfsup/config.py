@@ -25,6 +25,9 @@ class DataConfig:
     num_workers: int = 0                # decode workers for file-backed datasets
     on_device: bool = True              # keep the uint8 dataset resident on the accelerator
     on_error: str = "raise"             # corrupt images: raise | skip
+    sampler: str = "epoch"              # epoch (shuffled epochs) | sliding_window (PIC's scheduler)
+    window: int = 131072                # sliding window W (PIC ImageNet: 2^17)
+    stride: int = 16384                 # sliding-window stride S (PIC ImageNet: 2^14)
 
 
 @dataclass
@@ -69,6 +72,7 @@ class InstDiscConfig:
     nce_k: int = 4096                   # noise samples per step (NCE)
     temperature: float = 0.07
     bank_momentum: float = 0.5          # v <- normalize(m v + (1 - m) f)
+    bank_init: str = "random"           # random (the paper) | features (of the untrained network)
 
 
 @dataclass
@@ -91,6 +95,10 @@ class TrainConfig:
     threads: Optional[int] = None       # torch CPU threads; None: torch default
     deterministic: bool = False
     sync_bn: bool = True                # synchronised (global) BN when distributed on GPUs (per-rank BN on CPU)
+    nonfinite: str = "stop"             # a NaN/Inf loss or gradient: stop | skip (the step) | rollback
+                                        # (to the last checkpoint); skip/rollback also scale the lr
+    nonfinite_lr_factor: float = 0.5    # lr multiplier applied at each skip / rollback
+    nonfinite_max: int = 5              # stop after this many skips / rollbacks in a run
 
 
 @dataclass
@@ -101,6 +109,24 @@ class EvalConfig:
     batch_size: int = 1024
     train_split: str = "train"          # labelled split whose clean features are the kNN memory
     test_split: str = "test"
+    # linear / logreg / finetune protocols (`selfsup eval linear|logreg|finetune`)
+    seed: int = 0                       # their randomness: init, shuffles, held-out split, label subsets
+    aug_crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # crop area, linear augment + finetune
+    linear_mode: str = "features"       # features (clean, standardised, once) | augment (MoCo: crop+flip each step)
+    linear_epochs: int = 100            # epochs of the linear classifier over the train split
+    linear_lr: Optional[float] = None   # None: 0.1 (features) / 30 (augment, MoCo)
+    linear_schedule: Optional[str] = None  # cosine | step (x0.1 at 60%, 80%); None: cosine (features) / step (augment)
+    linear_batch_size: int = 256        # minibatch of the linear classifier
+    linear_weight_decay: float = 0.0    # SGD weight decay of the linear classifier (MoCo: 0)
+    logreg_l2_range: List[float] = field(default_factory=lambda: [1e-6, 1.0])  # l2 grid ends, log-spaced
+    logreg_l2_count: int = 13           # grid size (13: every half decade from 1e-6 to 1)
+    logreg_val_fraction: float = 0.1    # class-stratified held-out part of the train split that picks l2
+    logreg_max_iter: int = 1000         # L-BFGS iterations per fit
+    finetune_fractions: List[float] = field(default_factory=lambda: [0.01, 0.1])  # labelled fractions, in (0, 1]
+    finetune_epochs: Optional[int] = None   # None: 60 for fractions <= 1%, 30 above (SimCLR)
+    finetune_lr: Optional[float] = None     # None: 0.05 * finetune_batch_size / 256 (SimCLR)
+    finetune_batch_size: int = 256      # minibatch of fine-tuning (capped at the subset's size)
+    finetune_from_head_layer: int = 0   # 0: classifier on the backbone; k: after k hidden head layers (SimCLR v2: 1)
 
 
 @dataclass
@@ -205,6 +231,9 @@ def validate(cfg: DictConfig) -> None:
         "train.precision": ("auto", "bf16", "fp32"),
         "data.on_error": ("raise", "skip"),
         "instdisc.loss": ("nce", "softmax"),
+        "instdisc.bank_init": ("random", "features"),
+        "data.sampler": ("epoch", "sliding_window"),
+        "train.nonfinite": ("stop", "skip", "rollback"),
     }
     for key, valid in choices.items():
         value = OmegaConf.select(cfg, key)

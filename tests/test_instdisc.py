@@ -121,3 +121,30 @@ def test_stop_and_resume_is_exact_with_bank_and_z(tmp_path):
     train(load_config(str(tmp_path / "b/config.yaml"), ["train.max_steps=12"]), resume=str(tmp_path / "b"))
     sa = assert_same_model(tmp_path / "a", tmp_path / "b")
     assert torch.equal(sa["Z"], mid["Z"])   # estimated once, kept after resume
+
+
+# ---------------------------------------------------------------- bank from data, bank kNN monitor
+
+
+def test_bank_init_features_are_the_untrained_networks_features_and_leave_its_bn_alone():
+    from selfsup.data.augment import eval_transform
+
+    model = tiny_instdisc(40, "instdisc.bank_init=features")
+    imgs = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    bn_before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.eval()   # the init must use batch statistics whatever mode the model is in
+    model.init_from_data(imgs, model.cfg, torch.device("cpu"), None)
+    for k, v in bn_before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    net = torch.nn.Sequential(model.backbone, model.head).train()
+    with torch.no_grad():   # the trainer's batch size (32): two batches, 32 and 8 images
+        ref = torch.cat([F.normalize(net(eval_transform(c, 16)), dim=1) for c in imgs.split(32)])
+    torch.testing.assert_close(model.bank, ref)
+
+
+def test_bank_knn_monitor_is_reported_with_its_own_protocol(tmp_path):
+    cfg = load_config(None, INSTDISC + [f"run_dir={tmp_path}", "train.epochs=1", "eval.every=1",
+                                        "instdisc.loss=softmax", "instdisc.bank_init=features"])
+    out = train(cfg)
+    assert 0.0 <= out["knn_bank_top1"] <= 1.0 and "memory bank" in out["protocol_bank"]
+    assert "knn_top1" in out and "protocol" in out

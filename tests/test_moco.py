@@ -80,15 +80,18 @@ def test_key_forward_leaves_key_bn_running_stats_alone():
 def test_queue_is_fifo_across_a_wrap_with_uneven_batches():
     model = tiny_moco("moco.queue_size=10", "model.proj_dim=3")
     ref = model.queue.clone()
+    ref_src = torch.full((10,), -1)
     ptr, counter = 0, 0
     for n in (4, 3, 5, 7, 23, 1):
         keys = torch.arange(counter, counter + n, dtype=torch.float32)[:, None].repeat(1, 3)
+        src = torch.arange(counter, counter + n)
         counter += n
-        model.enqueue(keys)
-        for row in keys:   # reference: write row by row, pointer wraps
-            ref[ptr] = row
+        model.enqueue(keys, src)
+        for row, s in zip(keys, src):   # reference: write row by row, pointer wraps
+            ref[ptr], ref_src[ptr] = row, s
             ptr = (ptr + 1) % 10
         assert torch.equal(model.queue, ref) and int(model.queue_ptr) == ptr, n
+        assert torch.equal(model.queue_src, ref_src), n
 
 
 def test_split_bn_returns_rows_in_input_order_with_per_split_statistics():
@@ -179,7 +182,8 @@ def _ddp_moco_worker(rank, world, b):
     keys = [k.clone() for k in model._pending_keys]
     model.after_step()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return loss.item(), grads, keys, model.queue.clone(), int(model.queue_ptr), model.state_dict()
+    return loss.item(), grads, keys, model.queue.clone(), int(model.queue_ptr), model.state_dict(), \
+        model.queue_src.clone()
 
 
 def test_distributed_symmetric_moco_matches_one_process_on_the_whole_batch():
@@ -208,6 +212,9 @@ def test_distributed_symmetric_moco_matches_one_process_on_the_whole_batch():
         assert torch.equal(o[3][(world + r) * b:(world + r + 1) * b], o[2][1])
         torch.testing.assert_close(o[3], model.queue, rtol=1e-12, atol=1e-12)
         assert o[4] == int(model.queue_ptr) == 2 * world * b
+        # provenance: rows written this step name their rank; untouched rows stay -1
+        src = torch.arange(world).repeat_interleave(b).repeat(2)
+        assert torch.equal(o[6][:2 * world * b], src) and (o[6][2 * world * b:] == -1).all()
     for key in outs[0][5]:   # identical state (queue, key encoder) on both ranks
         assert torch.equal(outs[0][5][key], outs[1][5][key]), key
     torch.testing.assert_close(torch.cat([o[2][0] for o in outs]), k1, rtol=1e-12, atol=1e-12)

@@ -4,17 +4,21 @@ DDP, logging, the kNN monitor, atomic checkpoints and exact resume.
 from __future__ import annotations
 
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ..config import ConfigError
 from ..data.augment import build_augment
 from ..data.datasets import build_dataset
+from ..data.samplers import build_index_schedule
 from ..eval.knn import extract_features, knn_accuracy
 from ..methods import METHODS
 from ..models.backbones import build_backbone
@@ -76,6 +80,25 @@ def knn_eval(encoder, cfg, train_ds, test_ds, device, amp) -> dict:
     fte = extract_features(encoder, test_ds.images, cfg.eval.batch_size, device, size, amp)
     return knn_accuracy(ftr, train_ds.labels.to(device), fte, test_ds.labels.to(device),
                         cfg.eval.knn_k, cfg.eval.knn_temperature, train_ds.num_classes)
+
+
+def monitor_eval(model, cfg, train_ds, test_ds, device, amp, bank_valid: bool) -> dict:
+    """The kNN monitor: `knn_eval` of the encoder, its protocol, and, for a method that keeps a
+    memory bank of the training set (`bank_valid`: the monitor's train split is the training set),
+    a second kNN with the bank rows as training features and head-space test features."""
+    res = {**knn_eval(model.encoder, cfg, train_ds, test_ds, device, amp), "protocol": knn_protocol(cfg)}
+    bank = model.monitor_bank()
+    if bank is not None and bank_valid:
+        fte = extract_features(nn.Sequential(model.backbone, model.head), test_ds.images, cfg.eval.batch_size,
+                               device, cfg.data.image_size, amp)
+        r = knn_accuracy(F.normalize(bank.float(), dim=1), train_ds.labels.to(device), fte,
+                         test_ds.labels.to(device), cfg.eval.knn_k, cfg.eval.knn_temperature, train_ds.num_classes)
+        res.update({k.replace("knn_", "knn_bank_"): v for k, v in r.items()})
+        res["protocol_bank"] = (f"weighted kNN k={cfg.eval.knn_k} t={cfg.eval.knn_temperature}: training "
+                                f"features = the method's memory bank ({cfg.model.proj_dim}-d head space, "
+                                f"momentum average of augmented views), test = clean head-space features, "
+                                f"{cfg.data.train_split} -> {cfg.eval.test_split}")
+    return res
 
 
 def knn_protocol(cfg) -> str:
@@ -160,10 +183,14 @@ def _train(cfg, resume, rank, local_rank, world):
 
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world}")
-    local_bs = cfg.train.batch_size // world
-    steps_per_epoch = len(ds) // cfg.train.batch_size
-    if steps_per_epoch == 0:
+    if len(ds) < cfg.train.batch_size:
         raise ConfigError(f"dataset has {len(ds)} images, fewer than train.batch_size={cfg.train.batch_size}")
+    try:
+        sampler = build_index_schedule(d.sampler, len(ds), cfg.train.batch_size, cfg.seed,
+                                       window=d.window, stride=d.stride)
+    except ValueError as e:
+        raise ConfigError(f"data.sampler={d.sampler}: {e}") from None
+    steps_per_epoch = sampler.epoch_length
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
@@ -182,15 +209,18 @@ def _train(cfg, resume, rank, local_rank, world):
     opt = build_optimizer(model, cfg.train.optimizer, lr, cfg.train.weight_decay, cfg.train.momentum)
     sched_steps = cfg.train.epochs * steps_per_epoch
     sched = build_scheduler(opt, sched_steps, int(cfg.train.warmup_epochs * steps_per_epoch), cfg.train.schedule)
-    step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
+    step, elapsed_before, n_nonfinite = 0, 0.0, 0
     logger = MetricLogger(run_dir, enabled=main)
-    if ckpt is not None:
-        load_state_checked(model, ckpt["model"], "model")
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        elapsed_before = ckpt["elapsed"]
-        rng = ckpt["rng"]
+
+    def restore(ck) -> None:
+        """Model, optimiser, schedule, sampler and RNG state of checkpoint `ck` (resume, rollback)."""
+        nonlocal step, n_nonfinite
+        load_state_checked(model, ck["model"], "model")
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        sampler.load_state_dict(ck.get("sampler") or {"epoch": ck["epoch"], "batch_in_epoch": ck["batch_in_epoch"]})
+        step, n_nonfinite = ck["step"], ck.get("nonfinite_events", 0)
+        rng = ck["rng"]
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -200,12 +230,22 @@ def _train(cfg, resume, rank, local_rank, world):
         elif main:
             print(f"[selfsup] resuming on {world} processes from a run on {len(aug_states)}: "
                   "augmentation streams are re-seeded, so the resume is not bit-exact")
+
+    if ckpt is not None:
+        restore(ckpt)
+        elapsed_before = ckpt["elapsed"]
         logger.truncate_lines(ckpt["log_lines"])
         if main:
-            print(f"[selfsup] resumed {run_dir} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+            print(f"[selfsup] resumed {run_dir} at step {step} (epoch {step // steps_per_epoch}, "
+                  f"batch {step % steps_per_epoch})")
+    else:
+        model.init_from_data(ds.images, cfg, device, amp)   # a fresh start: data-dependent state
 
     net = model
     if world > 1:
+        ignored = model.ddp_ignored()   # per-rank state (classifier shards): no broadcast, no gradient sync
+        if ignored:
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
@@ -224,11 +264,15 @@ def _train(cfg, resume, rank, local_rank, world):
                                      f"the last good checkpoint in {run_dir / 'checkpoints'} is kept. "
                                      "Try a lower train.lr / train.base_lr or train.precision=fp32.")
         rng = _rng_state(aug_gen)   # collective under DDP: every rank calls it
+        state = model.state_dict()
+        if model.ddp_ignored():   # sharded state: rank 0 writes every rank's shard
+            state = model.gather_sharded_state(state)
         if main:
-            save_checkpoint({"format": 1, "config": OmegaConf.to_yaml(cfg), "model": model.state_dict(),
+            save_checkpoint({"format": 1, "config": OmegaConf.to_yaml(cfg), "model": state,
                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                             "elapsed": wall(), "rng": rng, "world_size": world,
+                             "sampler": sampler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+                             "batch_in_epoch": step % steps_per_epoch, "elapsed": wall(), "rng": rng,
+                             "world_size": world, "nonfinite_events": n_nonfinite,
                              "log_lines": logger.lines()}, run_dir / "checkpoints" / "last.pt")
 
     t_start = time.perf_counter()
@@ -236,67 +280,123 @@ def _train(cfg, resume, rank, local_rank, world):
     def wall():
         return elapsed_before + time.perf_counter() - t_start
 
+    def nonfinite_error(what):
+        return NonFiniteLossError(
+            f"non-finite {what} at step {step}, epoch {step // steps_per_epoch}. Training stopped; the last "
+            f"good checkpoint (if any) is untouched in {run_dir / 'checkpoints'}. Try a lower train.lr "
+            "or train.base_lr, a longer train.warmup_epochs, train.precision=fp32, or "
+            "train.nonfinite=skip|rollback.")
+
     def check_finite(loss):
         if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {step}, epoch {epoch}. Training stopped; the last "
-                f"good checkpoint (if any) is untouched in {run_dir / 'checkpoints'}. Try a lower train.lr "
-                "or train.base_lr, a longer train.warmup_epochs, or train.precision=fp32.")
+            raise nonfinite_error(f"loss ({loss.item()})")
+
+    def step_is_finite(loss) -> bool:
+        """Loss and every gradient finite on every rank (one host sync; train.nonfinite=skip|rollback)."""
+        flags = [torch.isfinite(loss).all()] + [torch.isfinite(p.grad).all() for p in model.parameters()
+                                                if p.grad is not None]
+        ok = torch.stack(flags).all().float()
+        if D.is_dist():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def handle_nonfinite(loss) -> None:
+        """train.nonfinite=skip: drop this step (no update; BN statistics, queue and bank as before it;
+        the data and schedule move on); rollback: return to the last checkpoint. Both scale the learning rate by train.nonfinite_lr_factor and log a `nonfinite` event."""
+        nonlocal n_nonfinite
+        policy, f = cfg.train.nonfinite, cfg.train.nonfinite_lr_factor
+        n_nonfinite += 1
+        if n_nonfinite > cfg.train.nonfinite_max:
+            raise nonfinite_error(f"loss or gradient (event {n_nonfinite}, over train.nonfinite_max="
+                                  f"{cfg.train.nonfinite_max})")
+        opt.zero_grad(set_to_none=True)
+        model.discard_step()
+        event = {"event": "nonfinite", "step": step, "loss": str(float(loss.detach())), "action": policy}
+        if policy == "rollback":
+            path = run_dir / "checkpoints" / "last.pt"
+            if not path.exists():
+                raise nonfinite_error("loss or gradient, and no checkpoint to roll back to yet")
+            count = n_nonfinite
+            restore(load_checkpoint(path))
+            n_nonfinite = count
+            event["rolled_back_to"] = step
+        sched.base_lrs = [b * f for b in sched.base_lrs]
+        for g, b, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            g["lr"] = b * fn(sched.last_epoch)
+        event["lr"] = opt.param_groups[0]["lr"]
+        logger.log(event)
+        if main:
+            print(f"[selfsup] non-finite loss or gradient at step {event['step']}: {policy}, lr now "
+                  f"{event['lr']:.3g} ({n_nonfinite}/{cfg.train.nonfinite_max})")
 
     last = {"step": step}
     knn_res, knn_step = {}, -1
     bar = tqdm(total=total_steps, initial=step, disable=None if main else True, desc="train", dynamic_ncols=True)
     t_log, step_log = time.perf_counter(), step
+    guarded = cfg.train.nonfinite != "stop"
+    # BN running statistics change in the forward; a skipped step puts them back
+    bn_stats = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None] if guarded else []
     net.train()
     while step < total_steps:
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        while batch_in_epoch < steps_per_epoch and step < total_steps:
-            start = batch_in_epoch * cfg.train.batch_size + rank * local_bs
-            index = perm[start:start + local_bs].to(ds.images.device)
-            images = ds.images[index].to(device, non_blocking=True)
-            views = [aug(images, aug_gen) for _ in range(model.n_views)]
-            if channels_last:
-                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = net(views, index.to(device))
-            loss = out["loss"]
-            if device.type == "cpu" or (step + 1) % cfg.train.log_every == 0:
-                check_finite(loss)   # on GPU only when logging: no host sync inside the step
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            model.after_step()
-            step += 1
-            batch_in_epoch += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                check_finite(loss)
-                now = time.perf_counter()
-                views_s = (step - step_log) * cfg.train.batch_size * model.n_views / max(now - t_log, 1e-9)
-                t_log, step_log = now, step
-                last = {"event": "train", "step": step, "epoch": epoch, "loss": D.all_reduce_mean(loss.detach()).item(),
-                        "lr": opt.param_groups[0]["lr"], "views_per_s": views_s, "wall_time": wall()}
-                last.update({k: float(v) for k, v in out.items() if k != "loss"})
-                logger.log(last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                checkpoint()
-        if batch_in_epoch < steps_per_epoch:
-            break   # stopped early by train.max_steps
-        if eval_data is not None and (epoch + 1) % cfg.eval.every == 0:
-            knn_res, knn_step = knn_eval(model.encoder, cfg, *eval_data, device, amp), step
-            logger.log({"event": "knn", "step": step, "epoch": epoch + 1, **knn_res, "wall_time": wall(),
-                        "protocol": knn_protocol(cfg)})
-            bar.write(f"epoch {epoch + 1}: knn_top1 {knn_res['knn_top1']:.4f}")
-        epoch, batch_in_epoch = epoch + 1, 0
-        checkpoint()
+        bn_saved = [b.clone() for b in bn_stats]
+        index = sampler.next_batch(rank, world).to(ds.images.device)
+        images = ds.images[index].to(device, non_blocking=True)
+        views = model.make_views(images, aug, aug_gen)
+        if channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = net(views, index.to(device))
+        loss = out["loss"]
+        if not guarded and (device.type == "cpu" or (step + 1) % cfg.train.log_every == 0):
+            check_finite(loss)   # on GPU only when logging: no host sync inside the step
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if guarded and not step_is_finite(loss):
+            handle_nonfinite(loss)
+            if cfg.train.nonfinite == "skip":
+                for b, saved in zip(bn_stats, bn_saved):
+                    b.copy_(saved)
+                with warnings.catch_warnings():   # "scheduler stepped before optimizer": intended here
+                    warnings.simplefilter("ignore", UserWarning)
+                    sched.step()
+                step += 1
+                bar.update(1)
+            else:
+                bar.reset(total=total_steps)
+                bar.update(step)
+            continue
+        opt.step()
+        sched.step()
+        model.after_step()
+        step += 1
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            check_finite(loss)
+            now = time.perf_counter()
+            views_s = (step - step_log) * cfg.train.batch_size * model.n_views / max(now - t_log, 1e-9)
+            t_log, step_log = now, step
+            last = {"event": "train", "step": step, "epoch": step // steps_per_epoch,
+                    "loss": D.all_reduce_mean(loss.detach()).item(),
+                    "lr": opt.param_groups[0]["lr"], "views_per_s": views_s, "wall_time": wall()}
+            last.update({k: float(v) for k, v in out.items() if k != "loss"})
+            logger.log(last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            checkpoint()
+        if step % steps_per_epoch == 0:   # an epoch's end
+            epoch = step // steps_per_epoch
+            if eval_data is not None and epoch % cfg.eval.every == 0:
+                knn_res, knn_step = monitor_eval(model, cfg, *eval_data, device, amp, eval_data[0] is ds), step
+                logger.log({"event": "knn", "step": step, "epoch": epoch, **knn_res, "wall_time": wall()})
+                bar.write(f"epoch {epoch}: knn_top1 {knn_res['knn_top1']:.4f}")
+            checkpoint()
     bar.close()
 
+    epoch = step // steps_per_epoch
     if eval_data is not None and knn_step != step:
-        knn_res = knn_eval(model.encoder, cfg, *eval_data, device, amp)
-        logger.log({"event": "knn", "step": step, "epoch": epoch, **knn_res, "wall_time": wall(),
-                    "protocol": knn_protocol(cfg)})
+        knn_res = monitor_eval(model, cfg, *eval_data, device, amp, eval_data[0] is ds)
+        logger.log({"event": "knn", "step": step, "epoch": epoch, **knn_res, "wall_time": wall()})
     checkpoint()
     final = {"event": "final", "run_dir": str(run_dir), "step": step, "epoch": epoch,
              "loss": last.get("loss"), "wall_time": wall(), **knn_res}

@@ -44,15 +44,19 @@ def knn_accuracy(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 1024, device=None,
-                     image_size: int | None = None, autocast_dtype=None, normalize: bool = True) -> Tensor:
+                     image_size: int | None = None, autocast_dtype=None, normalize: bool = True,
+                     train_bn: bool = False) -> Tensor:
     """Encoder features (N, D) float32 of uint8 `images` (N, C, H, W) with the clean test transform.
 
     Under torch.distributed every rank encodes a strided shard and the shards are all-gathered, so
     every rank returns the features of all N images in their original order.
+    `train_bn=True` runs the encoder in training mode (BN normalises with each batch's statistics,
+    as for an untrained network whose running statistics mean nothing; they are updated: pass a
+    copy to keep them).
     """
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
-    encoder.eval()
+    encoder.train(train_bn)
     r, w = rank(), world_size()
     n = images.shape[0]
     per_rank = -(-n // w)
@@ -68,3 +72,38 @@ def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 1024,
         feats = all_gather_no_grad(feats).view(w, per_rank, -1).transpose(0, 1).reshape(w * per_rank, -1)[:n]
     encoder.train(was_training)
     return F.normalize(feats, dim=1) if normalize else feats
+
+
+@torch.no_grad()
+def knn_sweep(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor,
+              ks, temperatures, num_classes: int | None = None, chunk: int = 512) -> list[dict]:
+    """Weighted kNN accuracy for every (k, temperature) pair in one pass over the features.
+
+    One top-max(k) similarity search per chunk of queries; every pair is then scored from those
+    neighbours, with the same arithmetic as `knn_accuracy` (so each row equals it). Features must be
+    L2-normalised; each k is clipped to N. Returns [{"k", "t", "top1", "top5"}, ...] in the order
+    ks x temperatures; top5 is None with 5 classes or fewer (as `knn_accuracy` leaves it out).
+    """
+    num_classes = num_classes or int(train_labels.max()) + 1
+    ks, ts = [int(k) for k in ks], [float(t) for t in temperatures]
+    if not ks or not ts or min(ks) < 1 or min(ts) <= 0:
+        raise ValueError(f"knn_sweep needs k >= 1 and t > 0, got k={ks} t={ts}")
+    n = train_feats.shape[0]
+    kmax = min(max(ks), n)
+    hits = {(i, j): [] for i in range(len(ks)) for j in range(len(ts))}     # per pair: (q, <=5) bools
+    for q, y in zip(test_feats.split(chunk), test_labels.split(chunk)):
+        sim, idx = (q @ train_feats.T).topk(kmax, dim=1)                # (q, kmax), sorted
+        nb_labels = train_labels[idx]
+        for i, k in enumerate(ks):
+            k = min(k, n)
+            for j, t in enumerate(ts):
+                weight = (sim[:, :k] / t).exp()
+                scores = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=weight.dtype)
+                scores.scatter_add_(1, nb_labels[:, :k], weight)
+                hits[i, j].append(scores.topk(min(5, num_classes), dim=1).indices == y[:, None])
+    table = []
+    for (i, j), h in hits.items():
+        h = torch.cat(h)
+        table.append({"k": ks[i], "t": ts[j], "top1": h[:, 0].float().mean().item(),
+                      "top5": h.any(dim=1).float().mean().item() if num_classes > 5 else None})
+    return table

@@ -39,5 +39,34 @@ class Method(nn.Module):
         """Called by the trainer once, before the optimiser is built, with the training set's size
         N (methods with per-instance state size it here). No-op by default."""
 
+    def make_views(self, images: Tensor, aug, generator) -> list[Tensor]:
+        """The step's views of uint8 `images` (B, C, H, W): `n_views` draws of the trainer's
+        augmentation `aug` by default; multi-crop methods override this."""
+        return [aug(images, generator) for _ in range(self.n_views)]
+
+    def discard_step(self) -> None:
+        """Forget what `forward` left for `after_step` (a step dropped by the non-finite guard)."""
+
+    def ddp_ignored(self) -> list[str]:
+        """Names of parameters and buffers that differ between ranks (classifier shards): DDP neither
+        broadcasts nor synchronises them. Empty by default."""
+        return []
+
+    def gather_sharded_state(self, state: dict) -> dict:
+        """The full state dict (every rank's shard) for a checkpoint; collective, called on every
+        rank when `ddp_ignored()` is not empty."""
+        return state
+
+    def init_from_data(self, images: Tensor, cfg, device, amp) -> None:
+        """Called by the trainer on a fresh start (not on resume), after `setup` and the move to
+        `device`, with the training images (uint8, N x C x H x W): state that starts from the data.
+        No-op by default."""
+
     def after_step(self) -> None:
         """Called once after each optimiser step (EMA updates, queues, banks)."""
+
+    def monitor_bank(self) -> Tensor | None:
+        """Training-set features the method keeps itself, (N, D) unit rows in dataset order, in the
+        space of `head(backbone(x))` (InstDisc's memory bank); the trainer then reports a second kNN
+        on them. None (the default) when the method keeps none."""
+        return None

@@ -4,7 +4,8 @@ One view per image, f = normalize(g(f(x))) (``model.head_layers=1``: the paper's
 head). Settings in ``cfg.instdisc`` (see ``InstDiscConfig``).
 
 State (all in ``state_dict``): ``bank`` (N, D) unit-norm rows, initialised uniform in
-[-1, 1) then normalised (global torch RNG) in :meth:`setup`; ``Z`` the NCE normaliser
+[-1, 1) then normalised (global torch RNG) in :meth:`setup`, or (``bank_init=features``) from the
+untrained network's features in :meth:`init_from_data`; ``Z`` the NCE normaliser
 (0 = not yet estimated).
 
 * ``loss=softmax``: full softmax over the bank, ``cross_entropy(f V^T / t, index)``.
@@ -19,10 +20,13 @@ State (all in ``state_dict``): ``bank`` (N, D) unit-norm rows, initialised unifo
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..eval.knn import extract_features
 from ..losses import instance_softmax, nce_loss, nce_normalizer
 from ..parallel import distributed as D
 from .base import Method
@@ -45,6 +49,17 @@ class InstDisc(Method):
         d = self.bank.shape[1]
         bank = torch.rand(num_samples, d, device=self.bank.device) * 2 - 1
         self.bank = F.normalize(bank, dim=1)
+
+    @torch.no_grad()
+    def init_from_data(self, images, cfg, device, amp) -> None:
+        """``instdisc.bank_init=features``: the bank starts as the unit-norm head features of the
+        untrained network (clean images, BN on batch statistics, run on a copy so no state
+        changes) instead of random rows, so the first epoch's positives are not random vectors."""
+        if self.cfg.instdisc.bank_init != "features":
+            return
+        net = copy.deepcopy(nn.Sequential(self.backbone, self.head))
+        feats = extract_features(net, images, cfg.train.batch_size, device, cfg.data.image_size, amp, train_bn=True)
+        self.bank.copy_(feats.to(self.bank.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a model built without setup() (e.g. to read a checkpoint's encoder) takes the bank's size
@@ -79,6 +94,12 @@ class InstDisc(Method):
         """v_i <- normalize(m v_i + (1 - m) f_i) for the rows ``index`` (n,), f (n, D) unit norm."""
         m = self.cfg.instdisc.bank_momentum
         self.bank[index] = F.normalize(self.bank[index] * m + f * (1.0 - m), dim=1)
+
+    def discard_step(self) -> None:
+        self._pending = None
+
+    def monitor_bank(self) -> Tensor:
+        return self.bank
 
     def after_step(self) -> None:
         """Update the bank with this step's features and indices from all ranks."""

@@ -4,8 +4,8 @@ v1: ``model.head_layers=1`` (linear 128-d head), aug preset mocov1. v2: ``model.
 (MLP head), aug preset mocov2, cosine lr. Settings in ``cfg.moco`` (see ``MoCoConfig``).
 
 State (all in ``state_dict``, so checkpointed and restored): the key encoder
-(``key_backbone``, ``key_head``), ``queue`` (K, D) of unit-norm keys, and ``queue_ptr`` (the
-next row to write).
+(``key_backbone``, ``key_head``), ``queue`` (K, D) of unit-norm keys, ``queue_ptr`` (the
+next row to write) and ``queue_src`` (the rank that produced each row; -1 before it is written).
 
 Choices where the sources leave room:
 
@@ -58,6 +58,8 @@ class MoCo(Method):
         dim = cfg.model.proj_dim
         self.register_buffer("queue", F.normalize(torch.randn(c.queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # the rank that produced each queue row (-1: still the random initial row), for checks
+        self.register_buffer("queue_src", torch.full((c.queue_size,), -1, dtype=torch.long))
         self._pending_keys: list[Tensor] = []
 
     def key_modules(self):
@@ -100,18 +102,22 @@ class MoCo(Method):
         return {"loss": loss}
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
+    def enqueue(self, keys: Tensor, src: Tensor | None = None) -> None:
         """Write (n, D) keys into the FIFO queue at the pointer, wrapping around; any n.
 
         With n > K only the last K keys are kept (they land where a row-by-row write would
-        leave them). The pointer advances by n modulo K.
+        leave them). The pointer advances by n modulo K. `src` (n,): the rank each key came
+        from (default 0), kept in ``queue_src``.
         """
         k_size, n = self.queue.shape[0], keys.shape[0]
+        if src is None:
+            src = torch.zeros(n, dtype=torch.long, device=keys.device)
         ptr = int(self.queue_ptr)
         if n > k_size:
-            ptr, keys = (ptr + n - k_size) % k_size, keys[n - k_size:]
+            ptr, keys, src = (ptr + n - k_size) % k_size, keys[n - k_size:], src[n - k_size:]
         rows = (ptr + torch.arange(keys.shape[0], device=keys.device)) % k_size
         self.queue[rows] = keys.to(self.queue.dtype)
+        self.queue_src[rows] = src.to(self.queue_src.device)
         self.queue_ptr.fill_((ptr + keys.shape[0]) % k_size)
 
     @torch.no_grad()
@@ -127,10 +133,14 @@ class MoCo(Method):
                 else:
                     bk.copy_(bq)
 
+    def discard_step(self) -> None:
+        self._pending_keys = []
+
     def after_step(self) -> None:
         """Enqueue this step's keys from all ranks (rank order; both key sets when symmetric),
         then EMA-update the key encoder."""
         for k in self._pending_keys:
-            self.enqueue(D.all_gather_no_grad(k))
+            src = torch.arange(D.world_size(), device=k.device).repeat_interleave(k.shape[0])
+            self.enqueue(D.all_gather_no_grad(k), src)
         self._pending_keys = []
         self.momentum_update()

@@ -1,0 +1,412 @@
+"""Benchmark of the instance-classifier head alone: full softmax vs sampled negatives, one rank vs sharded.
+
+One measured step = forward + backward + optimiser step of the head on random
+features (``z`` is a leaf: no encoder), for ``N`` classes of ``dim``-dim rows
+and a global batch of ``batch`` samples:
+
+* ``full``: softmax over all ``N`` rows, dense ``torch.optim.SGD`` (momentum,
+  weight decay) on the rows, i.e. ``O(N D)`` per step;
+* ``sampled``: softmax over ``K`` recent instances (``K = min(num_recent, N)``,
+  FIFO pre-filled with random ids) plus the batch's targets,
+  :class:`~selfsup.models.classifier.SparseRowSGD` on those rows only.
+
+``world = 1`` runs in this process; ``world = sharded_world`` spawns that many
+processes (gloo on CPU, NCCL when there are enough GPUs), each holding a shard
+and ``batch / world`` samples, with ``threads / world`` CPU threads each, so the
+compared configurations use the same cores.  Reported per row: mean step time
+(max over ranks), the head's resident state (weights + optimiser state + FIFO,
+per rank) and the peak extra memory during a step (CUDA:
+``max_memory_allocated`` above the state; CPU: sampled RSS increase, coarse).
+Configurations whose estimated memory exceeds ``max_bytes`` are skipped with a
+note.  Not part of the test suite.
+
+Usage::
+
+    from selfsup.bench_classifier import run
+    res = run({"quick": True, "out": "bench.json"})   # -> {"config", "rows", "notes", "table"}
+    python -m selfsup.bench_classifier --quick --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+
+import torch
+
+from selfsup.models.classifier import InstanceClassifier, RecentInstances, SparseRowSGD
+from selfsup.parallel.sharded_classifier import DEFAULT_CHUNK
+
+__all__ = ["bench_classifier", "run", "format_table", "main", "DEFAULTS", "QUICK"]
+
+DEFAULTS = dict(ns=(10**4, 10**5, 10**6), dim=128, batch=1024, modes=("full", "sampled"), device="cpu",
+                sharded_world=2, num_recent=65536, chunk_size=DEFAULT_CHUNK, warmup=1, repeats=None,
+                threads=None, max_bytes=None, temperature=0.2, out=None)
+QUICK = dict(ns=(10**3, 10**4), dim=32, batch=64, num_recent=1024, chunk_size=2048, warmup=1, repeats=2)
+
+
+# ---------------------------------------------------------------- memory probes
+
+
+class _RssPeak:
+    """Peak resident set size of this process, sampled every ~1 ms by a thread (Linux; 0 elsewhere)."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:
+            return 0
+
+    def __enter__(self):
+        self.base = self.peak = self.rss()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _estimate_bytes(n: int, dim: int, batch: int, mode: str, world: int, num_recent: int, chunk: int) -> int:
+    """Rough per-rank memory: rows + gradient + momentum (full) and two G x chunk float32 temporaries."""
+    rows = -(-n // world)
+    state = rows * dim * 4 * (3 if mode == "full" else 2)
+    active = min(rows, num_recent + batch) if mode == "sampled" else rows
+    return state + active * dim * 4 * 2 + 2 * batch * min(chunk, active) * 4 + batch * dim * 16
+
+
+# ---------------------------------------------------------------- one configuration (one rank)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(n, dim, batch_local, mode, device, num_recent, chunk, warmup, repeats, temperature, seed=0):
+    """Time ``warmup + repeats`` head steps on this rank (distributed if a group is up). Returns a dict."""
+    from selfsup.parallel.distributed import all_gather_no_grad
+
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(seed + (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0))
+    clf = InstanceClassifier(n, dim, temperature=temperature, chunk_size=chunk, seed=seed, device=device)
+    if mode == "full":
+        opt = torch.optim.SGD([clf.weight], lr=0.1, momentum=0.9, weight_decay=1e-4)
+        for st in [opt.state[clf.weight]]:  # allocate the momentum buffer now: it is state, not step memory
+            st["momentum_buffer"] = torch.zeros_like(clf.weight)
+        fifo = None
+    else:
+        opt = SparseRowSGD(clf.weight, lr=0.1, momentum=0.9, weight_decay=1e-4)
+        k = min(num_recent, n)
+        fifo = RecentInstances(k, device=device)
+        fifo.push(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].to(device))
+    state_bytes = sum(t.numel() * t.element_size() for t in
+                      [clf.weight, *[v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]]
+                      + ([fifo.buffer] if fifo is not None else []))
+    zs = [torch.randn(batch_local, dim, generator=g).to(device) for _ in range(2)]
+    ys = [torch.randint(0, n, (batch_local,), generator=g).to(device) for _ in range(2)]
+
+    def step(i):
+        z = zs[i % 2].clone().requires_grad_()
+        y = ys[i % 2]
+        if fifo is None:
+            opt.zero_grad(set_to_none=True)
+            loss = clf(z, y)
+            loss.backward()
+            opt.step()
+        else:
+            gy = all_gather_no_grad(y)
+            sel = clf.select(fifo.candidates(gy))
+            loss = clf(z, y, rows=sel)
+            loss.backward()
+            opt.step(sel)
+            fifo.push(gy)
+        return loss
+
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    probe = _RssPeak() if device.type == "cpu" else None
+    if probe is not None:
+        probe.__enter__()
+    try:
+        for i in range(repeats):
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            t0 = time.perf_counter()
+            loss = step(warmup + i)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    finally:
+        if probe is not None:
+            probe.__exit__(None, None, None)
+    peak_extra = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else probe.peak - probe.base
+    return dict(step_s=sum(times) / len(times), min_step_s=min(times), state_bytes=state_bytes,
+                peak_extra_bytes=max(0, peak_extra), loss=float(loss.detach()))
+
+
+def _rank_main(rank, world, backend, store_dir, kwargs, threads, device_type):
+    torch.set_num_threads(threads)
+    name = f"result_{rank}.pkl"
+    try:
+        import torch.distributed as dist
+
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        device = "cpu"
+        if device_type == "cuda":
+            torch.cuda.set_device(rank)
+            device = f"cuda:{rank}"
+        store = dist.FileStore(os.path.join(store_dir, "store"), world)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+        try:
+            res = [_measure(device=device, **kw) for kw in kwargs]
+        finally:
+            dist.destroy_process_group()
+        payload = pickle.dumps(res)
+    except BaseException:
+        name, payload = f"error_{rank}.txt", traceback.format_exc().encode()
+    with open(os.path.join(store_dir, name + ".tmp"), "wb") as f:
+        f.write(payload)
+    os.replace(os.path.join(store_dir, name + ".tmp"), os.path.join(store_dir, name))
+
+
+def _measure_sharded(world, device, threads, jobs, timeout=3600):
+    """Run :func:`_measure` for each kwargs dict of ``jobs`` in ONE spawn of ``world`` ranks.
+
+    Returns one combined dict per job (max step time over ranks, max per-rank memory).
+    """
+    import torch.multiprocessing as mp
+
+    dev = torch.device(device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    d = tempfile.mkdtemp(prefix="selfsup_bench_")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_rank_main, args=(r, world, backend, d, jobs, threads, dev.type), daemon=True)
+             for r in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+        errs = [f for f in os.listdir(d) if f.startswith("error_")]
+        if errs:
+            with open(os.path.join(d, sorted(errs)[0])) as f:
+                raise RuntimeError(f"sharded benchmark rank failed:\n{f.read()}")
+        res = []
+        for r in range(world):
+            path = os.path.join(d, f"result_{r}.pkl")
+            if not os.path.exists(path):
+                raise RuntimeError(f"sharded benchmark rank {r} produced no result (exit code {procs[r].exitcode})")
+            with open(path, "rb") as f:
+                res.append(pickle.load(f))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        shutil.rmtree(d, ignore_errors=True)
+    return [dict(step_s=max(r[j]["step_s"] for r in res), min_step_s=max(r[j]["min_step_s"] for r in res),
+                 state_bytes=max(r[j]["state_bytes"] for r in res),
+                 peak_extra_bytes=max(r[j]["peak_extra_bytes"] for r in res), loss=res[0][j]["loss"])
+            for j in range(len(jobs))]
+
+
+# ---------------------------------------------------------------- public API
+
+
+def bench_classifier(
+    ns=DEFAULTS["ns"],
+    dim: int = 128,
+    batch: int = 1024,
+    modes=("full", "sampled"),
+    device: str = "cpu",
+    sharded_world: int | None = 2,
+    num_recent: int = 65536,
+    chunk_size: int = DEFAULT_CHUNK,
+    warmup: int = 1,
+    repeats: int | None = None,
+    threads: int | None = None,
+    max_bytes: int | None = None,
+    temperature: float = 0.2,
+    notes: list | None = None,
+) -> list[dict]:
+    """Measure the head for every ``(N, mode, world in (1, sharded_world))``.
+
+    Args:
+        ns: class counts ``N``; dim: ``D``; batch: global batch ``G``
+            (``G / world`` per rank when sharded; must divide).
+        modes: subset of ``("full", "sampled")``.
+        device: ``"cpu"`` or ``"cuda"``; sharded CUDA runs need
+            ``sharded_world`` GPUs (NCCL), else they are skipped with a note.
+        sharded_world: ranks of the sharded runs (``None``/``1``: none).
+        num_recent: ``K`` of the sampled mode (capped at ``N``).
+        chunk_size: softmax row chunk.
+        warmup, repeats: untimed and timed steps (``repeats`` default: 1 on
+            CPU, 5 on CUDA).
+        threads: CPU threads in total (default ``torch.get_num_threads()``),
+            split evenly between the sharded ranks.
+        max_bytes: per-rank memory budget for the skip rule (default: half of
+            the available host / GPU memory).
+        notes: list that receives a line per skipped configuration.
+
+    Returns:
+        One dict per measured configuration: ``n, mode, world, dim, batch,
+        candidates`` (rows in the softmax), ``step_ms``, ``min_step_ms``,
+        ``state_mb`` (per rank), ``peak_extra_mb`` (per rank), ``loss``.
+    """
+    notes = notes if notes is not None else []
+    dev = torch.device(device)
+    repeats = repeats or (5 if dev.type == "cuda" else 1)
+    threads = threads or torch.get_num_threads()
+    budget = max_bytes or _available_bytes(dev) // 2
+    worlds = [1] + ([sharded_world] if sharded_world and sharded_world > 1 else [])
+    jobs = []  # (row stub, kwargs, world)
+    for n in ns:
+        for mode in modes:
+            if mode not in ("full", "sampled"):
+                raise ValueError(f"unknown mode {mode!r}; valid: full, sampled")
+            for world in worlds:
+                tag = f"N={n} mode={mode} world={world}"
+                if batch % world:
+                    notes.append(f"{tag}: skipped, batch {batch} not divisible by world")
+                    continue
+                if world > 1 and dev.type == "cuda" and torch.cuda.device_count() < world:
+                    notes.append(f"{tag}: skipped, needs {world} GPUs (have {torch.cuda.device_count()})")
+                    continue
+                need = _estimate_bytes(n, dim, batch, mode, world, num_recent, chunk_size)
+                if need > budget:
+                    notes.append(f"{tag}: skipped, needs ~{need / 2**30:.1f} GiB per rank > budget "
+                                 f"{budget / 2**30:.1f} GiB")
+                    continue
+                kw = dict(n=n, dim=dim, batch_local=batch // world, mode=mode, num_recent=num_recent,
+                          chunk=chunk_size, warmup=warmup, repeats=repeats, temperature=temperature)
+                stub = dict(n=n, mode=mode, world=world, dim=dim, batch=batch,
+                            candidates=n if mode == "full" else min(n, num_recent + batch))
+                jobs.append((stub, kw, world))
+    results: dict[int, dict] = {}
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for i, (_, kw, world) in enumerate(jobs):
+            if world == 1:
+                results[i] = _measure(device=device, **kw)
+    finally:
+        torch.set_num_threads(prev)
+    sharded = [i for i, (_, _, world) in enumerate(jobs) if world > 1]
+    if sharded:  # one spawn for all sharded configurations (process start-up is seconds)
+        for i, r in zip(sharded, _measure_sharded(sharded_world, device, max(1, threads // sharded_world),
+                                                  [jobs[i][1] for i in sharded])):
+            results[i] = r
+    rows = []
+    for i, (stub, _, _) in enumerate(jobs):
+        r = results[i]
+        tpr = threads if stub["world"] == 1 else max(1, threads // sharded_world)
+        rows.append(dict(stub, threads_per_rank=tpr if dev.type == "cpu" else None, step_ms=1e3 * r["step_s"], min_step_ms=1e3 * r["min_step_s"],
+                         state_mb=r["state_bytes"] / 2**20, peak_extra_mb=r["peak_extra_bytes"] / 2**20,
+                         loss=r["loss"]))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Fixed-width text table of :func:`bench_classifier` rows."""
+    head = (f"{'N':>10} {'mode':>8} {'world':>5} {'thr':>4} {'cands':>9} {'step ms':>10} {'state MB':>10} "
+            f"{'peak+ MB':>10}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['n']:>10} {r['mode']:>8} {r['world']:>5} {str(r['threads_per_rank'] or '-'):>4} "
+                     f"{r['candidates']:>9} {r['step_ms']:>10.1f} "
+                     f"{r['state_mb']:>10.1f} {r['peak_extra_mb']:>10.1f}")
+    return "\n".join(lines)
+
+
+def run(args: dict | None = None) -> dict:
+    """Run the benchmark from a dict of settings (keys of :data:`DEFAULTS`, plus ``quick``).
+
+    ``quick=True`` starts from :data:`QUICK` (CI-sized: N 1e3/1e4, D 32,
+    batch 64); explicit keys override.  ``out``: JSON path to write.  Returns
+    ``{"config": ..., "rows": [...], "notes": [...], "table": str}``.
+    """
+    args = dict(args or {})
+    quick = bool(args.pop("quick", False))
+    cfg = dict(DEFAULTS)
+    if quick:
+        cfg.update(QUICK)
+    unknown = set(args) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown benchmark settings {sorted(unknown)}; valid: {sorted(cfg)} and 'quick'")
+    cfg.update({k: v for k, v in args.items() if v is not None})
+    out = cfg.pop("out")
+    notes: list[str] = []
+    rows = bench_classifier(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()}, notes=notes)
+    res = {"config": {**cfg, "quick": quick, "ns": list(cfg["ns"]), "modes": list(cfg["modes"]),
+                      "torch": torch.__version__, "threads": cfg["threads"] or torch.get_num_threads()},
+           "rows": rows, "notes": notes, "table": format_table(rows)}
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=2)
+            f.write("\n")
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line: ``python -m selfsup.bench_classifier [--quick] [--ns 10000 100000] [--out f.json] ...``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI-sized run")
+    p.add_argument("--ns", type=int, nargs="+")
+    p.add_argument("--dim", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--modes", nargs="+", choices=["full", "sampled"])
+    p.add_argument("--device")
+    p.add_argument("--sharded-world", type=int, dest="sharded_world")
+    p.add_argument("--num-recent", type=int, dest="num_recent")
+    p.add_argument("--chunk-size", type=int, dest="chunk_size")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out")
+    res = run(vars(p.parse_args(argv)))
+    print(res["table"])
+    for n in res["notes"]:
+        print("note:", n)
+    return res
+
+
+if __name__ == "__main__":
+    main()

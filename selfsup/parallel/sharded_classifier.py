@@ -1,0 +1,455 @@
+"""Cosine-softmax instance classification over N rows, chunked and optionally sharded.
+
+This module holds the numerical core of PIC / the one-million-way instance
+classifier (see ``ALGORITHMS.md``): functions of tensors, no module state.
+:mod:`selfsup.models.classifier` wraps them into a module, a sparse optimiser
+and the recent-instance FIFO.
+
+The loss
+--------
+For features ``z_i`` (``i`` over the GLOBAL batch of ``G = world * B``
+samples), rows ``w_j`` (``j`` over a candidate set ``C``: all ``N`` rows, or a
+sampled subset), temperature ``tau``::
+
+    l_ij = cos(w_j, z_i) / tau
+    L_i  = logsumexp_{j in C} l_ij - [(1 - alpha) l_{i,y_i} + (alpha / K) sum_k l_{i,s_ik}]
+    L    = (1 / G) sum_i L_i
+
+``y_i`` is the target row, ``s_i`` (``K`` entries) the smoothed-label rows
+(``alpha = 0``: plain cross entropy).  The bracket is ``sum_j q_ij l_ij`` for
+the target distribution ``q`` (``1 - alpha`` on ``y_i``, ``alpha / K`` on each
+listed ``s_ik``; duplicates add up), so ``dL/dl_ij = (p_ij - q_ij) / G`` with
+``p = softmax_C(l)``.
+
+Chunking
+--------
+The ``G x |C|`` logit matrix is never materialised: the rows are processed in
+chunks of ``chunk_size`` with an online max / sum-of-exp (forward), and the
+backward recomputes each chunk's logits from the saved normalised features and
+the (unnormalised) rows.  Peak extra memory is ``O(G * chunk_size)`` plus the
+``(|C|, D)`` row gradient.
+
+Sharding (hybrid parallelism)
+-----------------------------
+Under ``torch.distributed`` (world ``T > 1``) rank ``t`` holds the rows with
+global ids ``[start, end) = shard_range(N, T, t)`` (or, for sampled negatives,
+the members of ``C`` in that range).  Per step:
+
+* features are all-gathered with
+  :func:`~selfsup.parallel.distributed.all_gather_with_grad` (``G x D``), the
+  targets and smoothed-label indices with ``all_gather_no_grad`` (``G x (1+K)``);
+* local online max / sum-of-exp over the shard; global max by
+  ``all_reduce(MAX)`` (``G`` values); the rescaled local sums, the target term
+  (each sample's target / smoothed rows contribute on their owner rank, 0
+  elsewhere) and two validation counts by one ``all_reduce(SUM)`` (``4G``
+  values).  Communication is ``O(G * (D + K))``, independent of ``N``.
+* backward: the gradient of the shard rows is computed locally and stays there
+  (exclude the shard from DDP); the gradient wrt the gathered features is
+  each rank's partial sum, all-reduced (SUM) by ``all_gather_with_grad``'s
+  backward, and each rank keeps its own ``B`` rows.
+
+Gradient scaling and DDP
+------------------------
+Every rank returns the same value: the global mean loss ``L`` over all ``G``
+samples.  The shard rows receive exactly ``dL/dW_shard``.  The features
+receive ``T * dL/dz_local`` when ``ddp_grad_scale=True`` (the default),
+because DDP AVERAGES the encoder gradients over the ``T`` ranks:
+``(1/T) sum_t T * dL/dtheta|_t = dL/dtheta``, the exact gradient of the global
+loss.  (This is the same convention as :func:`selfsup.losses.nt_xent`, whose
+per-rank local-mean losses give ``T * dL/dz_local`` too.)  So the trainer just
+calls ``loss.backward()`` with no extra scaling and must NOT multiply the loss
+by ``T``: that would also scale the shard gradient.  With
+``ddp_grad_scale=False`` the features receive exactly ``dL/dz_local`` (for
+use without DDP or with gradient summing instead of averaging).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from selfsup.parallel.distributed import all_gather_no_grad, all_gather_with_grad, is_dist, rank, world_size
+
+__all__ = [
+    "shard_range",
+    "cosine_softmax",
+    "cosine_softmax_reference",
+    "topk_similar",
+    "gather_rows",
+    "DEFAULT_CHUNK",
+]
+
+DEFAULT_CHUNK = 16384
+_EPS = 1e-12  # as F.normalize
+
+
+def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Contiguous rows ``[start, end)`` of ``n`` rows held by ``rank`` of ``world``.
+
+    The first ``n % world`` ranks hold one row more than the others (sizes
+    differ by at most one; a shard is empty when ``n < world``).  The shards of
+    ranks ``0..world-1`` tile ``[0, n)`` in order.
+    """
+    if n < 0 or world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need n >= 0, world >= 1 and 0 <= rank < world, got n={n}, world={world}, rank={rank}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _dist_world() -> int:
+    return world_size() if is_dist() else 1
+
+
+def _compute_dtype(*xs: Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _normalize(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def _local_positions(ids: Tensor, m: int, row_ids: Tensor | None, offset: int) -> Tensor:
+    """Position of each global id among this rank's ``m`` rows, ``-1`` where not held here.
+
+    ``row_ids=None``: the rows are the contiguous ids ``offset..offset+m-1``;
+    otherwise ``row_ids`` is the sorted ``(m,)`` tensor of their global ids.
+    """
+    if m == 0:
+        return torch.full_like(ids, -1)
+    if row_ids is None:
+        p = ids - offset
+        ok = (p >= 0) & (p < m)
+    else:
+        p = torch.searchsorted(row_ids, ids)
+        ok = (p < m) & (row_ids[p.clamp(max=m - 1)] == ids)
+    return torch.where(ok, p, torch.full_like(p, -1))
+
+
+def _target_term(zs: Tensor, rows: Tensor, tpos: Tensor, spos: Tensor | None, alpha: float) -> Tensor:
+    """``(G,)``: this rank's part of ``(1-alpha) l_{i,y_i} + alpha/K sum_k l_{i,s_ik}``.
+
+    ``zs`` are the normalised features divided by ``tau``; positions ``-1``
+    (row held elsewhere) contribute 0.
+    """
+    if rows.shape[0] == 0:
+        return zs.new_zeros(zs.shape[0])
+    wt = _normalize(rows[tpos.clamp(min=0)].to(zs.dtype))  # (G, D)
+    t = (wt * zs).sum(1) * (tpos >= 0)
+    if spos is not None and alpha != 0.0:
+        ws = _normalize(rows[spos.clamp(min=0)].to(zs.dtype))  # (G, K, D)
+        ls = torch.einsum("gkd,gd->gk", ws, zs) * (spos >= 0)
+        t = (1.0 - alpha) * t + (alpha / spos.shape[1]) * ls.sum(1)
+    return t
+
+
+class _ChunkedCosineSoftmax(torch.autograd.Function):
+    """Global mean cosine-softmax loss of gathered normalised features against local rows.
+
+    forward(zh (G, D) unit rows, rows (m, D), tpos (G,), spos (G, K) or None,
+    alpha, tau, chunk, feature_scale, distributed) -> scalar.  The backward
+    returns this rank's partial ``dL/dzh`` (times ``feature_scale``) and the
+    exact ``dL/drows``; nothing is communicated in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, zh, rows, tpos, spos, alpha, tau, chunk, feature_scale, distributed):
+        g = zh.shape[0]
+        zs = zh / tau
+        m_run = zh.new_full((g,), float("-inf"))
+        s_run = zh.new_zeros(g)
+        for c0 in range(0, rows.shape[0], chunk):
+            wc = _normalize(rows[c0 : c0 + chunk].to(zh.dtype))
+            logits = zs @ wc.T  # (G, c): the only G x c temporary
+            new_m = torch.maximum(m_run, logits.max(dim=1).values)
+            s_run = s_run * torch.exp(m_run - new_m) + logits.sub_(new_m[:, None]).exp_().sum(1)
+            m_run = new_m
+            del logits
+        t = _target_term(zs, rows, tpos, spos, alpha)
+        found_t = (tpos >= 0).to(zh.dtype)
+        found_s = (spos >= 0).sum(1).to(zh.dtype) if spos is not None else torch.zeros_like(found_t)
+        if distributed:
+            big_m = m_run.clone()
+            dist.all_reduce(big_m, op=dist.ReduceOp.MAX)
+        else:
+            big_m = m_run
+        # ranks without rows have m_run = -inf, s_run = 0: their term is 0 * exp(-inf) = 0
+        scaled = torch.where(s_run > 0, s_run * torch.exp(m_run - big_m), torch.zeros_like(s_run))
+        packed = torch.stack([scaled, t, found_t, found_s])  # (4, G)
+        if distributed:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        total, t, found_t, found_s = packed
+        k = spos.shape[1] if spos is not None else 0
+        if not bool(((found_t == 1) & (found_s == k)).all()):  # identical on every rank: all raise
+            bad = int((found_t != 1).sum())
+            raise ValueError(
+                f"{bad} of {g} targets (and/or some smoothed-label indices) are not among the classifier's "
+                "candidate rows (a target must lie in [0, N) and, with sampled negatives, in the candidate set)"
+            )
+        lse = big_m + torch.log(total)
+        loss = (lse - t).mean()
+        ctx.save_for_backward(zh, rows, tpos, spos if spos is not None else tpos.new_empty(0), lse)
+        ctx.has_s = spos is not None and alpha != 0.0
+        ctx.alpha, ctx.tau, ctx.chunk, ctx.feature_scale = alpha, tau, chunk, feature_scale
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        zh, rows, tpos, spos, lse = ctx.saved_tensors
+        need_z, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g, m = zh.shape[0], rows.shape[0]
+        alpha, tau = ctx.alpha, ctx.tau
+        coef = grad_out.to(zh.dtype) / g  # dL/dl_ij = coef * (p_ij - q_ij)
+        zs = zh / tau
+        grad_zh = torch.zeros_like(zh) if need_z else None
+        grad_wh = rows.new_zeros(rows.shape, dtype=zh.dtype) if need_w and m > 0 else None
+
+        # target terms (-q): sparse, added first
+        if m > 0:
+            wq = torch.where(tpos >= 0, coef / tau * (1.0 - alpha if ctx.has_s else 1.0), torch.zeros_like(lse))
+            own = tpos >= 0
+            if need_z:
+                grad_zh -= wq[:, None] * _normalize(rows[tpos.clamp(min=0)].to(zh.dtype))
+            if need_w:
+                grad_wh.index_add_(0, tpos[own], -(wq[own, None] * zh[own]))
+            if ctx.has_s:
+                k = spos.shape[1]
+                smask = spos >= 0
+                ws = (coef / tau * alpha / k) * smask.to(zh.dtype)  # (G, K)
+                if need_z:
+                    wsn = _normalize(rows[spos.clamp(min=0)].to(zh.dtype))  # (G, K, D)
+                    grad_zh -= torch.einsum("gk,gkd->gd", ws, wsn)
+                if need_w:
+                    gi = torch.arange(g, device=zh.device)[:, None].expand_as(spos)
+                    grad_wh.index_add_(0, spos[smask], -(ws[smask][:, None] * zh[gi[smask]]))
+
+        # softmax terms (+p), chunk by chunk; finish each chunk's row gradient through the normalisation
+        for c0 in range(0, m, ctx.chunk):
+            raw = rows[c0 : c0 + ctx.chunk].to(zh.dtype)
+            norm = raw.norm(dim=1, keepdim=True).clamp_min(_EPS)
+            wc = raw / norm
+            p = (zs @ wc.T).sub_(lse[:, None]).exp_().mul_(coef / tau)  # (G, c)
+            if need_z:
+                grad_zh.addmm_(p, wc)
+            if need_w:
+                gw = grad_wh[c0 : c0 + ctx.chunk]
+                gw.addmm_(p.T, zh)
+                gw.sub_((gw * wc).sum(1, keepdim=True) * wc).div_(norm)  # d normalize(w) / dw
+            del p
+        if need_z and ctx.feature_scale != 1:
+            grad_zh.mul_(ctx.feature_scale)
+        grad_rows = grad_wh.to(rows.dtype) if grad_wh is not None else (torch.zeros_like(rows) if need_w else None)
+        return grad_zh, grad_rows, None, None, None, None, None, None, None
+
+
+def cosine_softmax(
+    z: Tensor,
+    rows: Tensor,
+    target: Tensor,
+    temperature: float,
+    *,
+    row_ids: Tensor | None = None,
+    offset: int = 0,
+    smooth_index: Tensor | None = None,
+    alpha: float = 0.0,
+    chunk_size: int = DEFAULT_CHUNK,
+    ddp_grad_scale: bool = True,
+) -> Tensor:
+    """Chunked (and, under ``torch.distributed``, row-sharded) cosine-softmax loss.
+
+    Args:
+        z: ``(B, D)`` this rank's features (any scale; L2-normalised here).
+            ``B`` must be equal on all ranks.
+        rows: ``(m, D)`` this rank's classifier rows (no bias; normalised in
+            the forward pass).  Either the whole shard (``row_ids=None``: the
+            rows have global ids ``offset .. offset+m-1``) or the sampled
+            candidates held by this rank (``row_ids``: their sorted ``(m,)``
+            global ids).  Single process: all candidate rows.
+        target: ``(B,)`` int64 global row ids (the instance indices).
+        temperature: ``tau``.
+        row_ids: see ``rows``.  With sampled negatives the candidate set is the
+            union over ranks of ``row_ids`` and must contain every target and
+            smoothed-label index (else ``ValueError`` on every rank).
+        offset: global id of ``rows[0]`` when ``row_ids`` is None.
+        smooth_index: ``(B, K)`` int64 global row ids of the smoothed-label
+            classes of each sample (used when ``alpha != 0``).
+        alpha: label-smoothing mass (target ``1-alpha`` on the own class,
+            ``alpha/K`` on each of the ``K`` listed classes).
+        chunk_size: rows per chunk (memory ``O(G * chunk_size)``).
+        ddp_grad_scale: multiply the features' gradient by the world size so
+            that DDP's gradient averaging yields the exact gradient of the
+            global loss (module docstring).  No effect with one process.
+
+    Returns:
+        Scalar: the global mean loss over all ranks' ``G = world*B`` samples
+        (same value on every rank), float32 (float64 if ``z`` or ``rows`` is
+        float64), autocast disabled.  Gradients: exact ``dL/drows``; features
+        ``world * dL/dz`` (``ddp_grad_scale``) or ``dL/dz``.
+    """
+    if z.dim() != 2 or rows.dim() != 2 or z.shape[1] != rows.shape[1]:
+        raise ValueError(f"need z (B, D) and rows (m, D) with equal D, got {tuple(z.shape)} and {tuple(rows.shape)}")
+    if target.shape != (z.shape[0],) or target.dtype != torch.long:
+        raise ValueError(f"target must be int64 of shape ({z.shape[0]},), got {target.dtype} {tuple(target.shape)}")
+    use_s = smooth_index is not None and alpha != 0.0
+    if use_s and (smooth_index.dim() != 2 or smooth_index.shape[0] != z.shape[0] or smooth_index.shape[1] == 0
+                  or smooth_index.dtype != torch.long):
+        raise ValueError(f"smooth_index must be int64 (B={z.shape[0]}, K>=1), got {smooth_index.dtype} "
+                         f"{tuple(smooth_index.shape)}")
+    if alpha != 0.0 and smooth_index is None:
+        raise ValueError("alpha != 0 needs smooth_index")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if row_ids is not None and (row_ids.shape != (rows.shape[0],) or row_ids.dtype != torch.long):
+        raise ValueError(f"row_ids must be int64 of shape ({rows.shape[0]},), got {row_ids.dtype} {tuple(row_ids.shape)}")
+    if chunk_size < 1 or temperature <= 0:
+        raise ValueError(f"need chunk_size >= 1 and temperature > 0, got {chunk_size}, {temperature}")
+    world = _dist_world()
+    dtype = _compute_dtype(z, rows)
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        zh = F.normalize(z.to(dtype), dim=1, eps=_EPS)
+        if world > 1:
+            zh = all_gather_with_grad(zh)
+            target = all_gather_no_grad(target)
+            if use_s:
+                smooth_index = all_gather_no_grad(smooth_index)
+        m = rows.shape[0]
+        tpos = _local_positions(target, m, row_ids, offset)
+        spos = _local_positions(smooth_index, m, row_ids, offset) if use_s else None
+        return _ChunkedCosineSoftmax.apply(zh, rows, tpos, spos, float(alpha), float(temperature), int(chunk_size),
+                                           float(world if ddp_grad_scale else 1), world > 1)
+
+
+def cosine_softmax_reference(
+    z: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    temperature: float,
+    smooth_index: Tensor | None = None,
+    alpha: float = 0.0,
+    candidates: Tensor | None = None,
+) -> Tensor:
+    """Plain-autograd reference of :func:`cosine_softmax` (one process, materialises ``B x |C|``).
+
+    Args:
+        z: ``(B, D)`` features; weight: ``(N, D)`` all rows; target: ``(B,)``.
+        smooth_index, alpha: as in :func:`cosine_softmax`.
+        candidates: optional ``(S,)`` global row ids (softmax restricted to
+            these rows; must contain the targets and smoothed-label indices).
+
+    Returns:
+        Scalar mean over the batch of ``-sum_j q_ij log_softmax(cos(w_j, z_i) / tau)_j``.
+    """
+    dtype = _compute_dtype(z, weight)
+    ids = torch.arange(weight.shape[0], device=z.device) if candidates is None else torch.unique(candidates)
+    logits = F.normalize(z.to(dtype), dim=1) @ F.normalize(weight[ids].to(dtype), dim=1).T / temperature
+    logp = torch.log_softmax(logits, dim=1)
+    q = torch.zeros_like(logp)
+    rows_ = torch.arange(z.shape[0], device=z.device)
+    q[rows_, torch.searchsorted(ids, target)] += 1.0 - (alpha if smooth_index is not None else 0.0)
+    if smooth_index is not None and alpha != 0.0:
+        k = smooth_index.shape[1]
+        q.index_put_((rows_[:, None].expand_as(smooth_index), torch.searchsorted(ids, smooth_index)),
+                     torch.full(smooth_index.shape, alpha / k, dtype=dtype, device=z.device), accumulate=True)
+    return -(q * logp).sum(1).mean()
+
+
+@torch.no_grad()
+def topk_similar(
+    weight: Tensor,
+    query_ids: Tensor,
+    k: int,
+    *,
+    offset: int = 0,
+    num_rows: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` rows most similar (cosine) to each query row, the query itself excluded.
+
+    Args:
+        weight: ``(m, D)`` this rank's rows, global ids ``offset .. offset+m-1``
+            (single process: all ``N`` rows, ``offset=0``).
+        query_ids: ``(Q,)`` int64 global ids of the query rows, identical on
+            every rank (e.g. the all-gathered batch targets).
+        k: neighbours per query (``k <= N - 1``).
+        offset: global id of ``weight[0]``.
+        num_rows: total ``N`` (default: the sum of the shard sizes, one
+            small all-reduce); only used to check ``k``.
+        chunk_size: rows per chunk (memory ``O(Q * (chunk_size + k))``).
+
+    Under ``torch.distributed`` the query rows are assembled from their owners
+    by one ``all_reduce(SUM)`` of ``(Q, D)``, each rank keeps a running top-k
+    over its shard, and the ``(Q, k)`` candidates (value, global id) of all
+    ranks are all-gathered and merged by a final top-k.  Cost
+    ``O(Q * N * D / world)`` flops per rank, ``O(Q * (D + world*k))`` traffic.
+
+    Returns:
+        ``(values, indices)``, each ``(Q, k)``, sorted by decreasing cosine;
+        ``indices`` are global row ids.  Same on every rank.
+    """
+    world = _dist_world()
+    if weight.dim() != 2 or query_ids.dim() != 1 or query_ids.dtype != torch.long:
+        raise ValueError(f"need weight (m, D) and int64 query_ids (Q,), got {tuple(weight.shape)}, "
+                         f"{query_ids.dtype} {tuple(query_ids.shape)}")
+    m, d = weight.shape
+    if num_rows is None:
+        num_rows = m
+        if world > 1:
+            n_t = torch.tensor([m], device=weight.device)
+            dist.all_reduce(n_t)
+            num_rows = int(n_t)
+    if not 1 <= k <= num_rows - 1:
+        raise ValueError(f"k must be in [1, N-1] = [1, {num_rows - 1}], got {k}")
+    dtype = _compute_dtype(weight)
+    own = (query_ids >= offset) & (query_ids < offset + m)
+    q = torch.zeros(query_ids.shape[0], d, dtype=dtype, device=weight.device)
+    q[own] = _normalize(weight[query_ids[own] - offset].to(dtype))
+    if world > 1:
+        dist.all_reduce(q)
+    best_v = torch.full((q.shape[0], k), float("-inf"), dtype=dtype, device=weight.device)
+    best_i = torch.full((q.shape[0], k), -1, dtype=torch.long, device=weight.device)
+    for c0 in range(0, m, chunk_size):
+        wc = _normalize(weight[c0 : c0 + chunk_size].to(dtype))
+        ids = torch.arange(offset + c0, offset + c0 + wc.shape[0], device=weight.device)
+        sims = q @ wc.T  # (Q, c)
+        sims.masked_fill_(query_ids[:, None] == ids[None, :], float("-inf"))
+        v, j = torch.cat([best_v, sims], 1).topk(k, dim=1)
+        best_i = torch.cat([best_i, ids.expand(q.shape[0], -1)], 1).gather(1, j)
+        best_v = v
+    if world > 1:
+        vs = all_gather_no_grad(best_v[None])  # (world, Q, k)
+        is_ = all_gather_no_grad(best_i[None])
+        v, j = torch.cat(list(vs), 1).topk(k, dim=1)
+        best_i = torch.cat(list(is_), 1).gather(1, j)
+        best_v = v
+    return best_v, best_i
+
+
+def gather_rows(x: Tensor, n: int) -> Tensor:
+    """Reassemble row shards (``shard_range`` layout) into the full ``(n, ...)`` tensor on every rank.
+
+    Args:
+        x: ``(end - start, ...)`` this rank's shard of an ``(n, ...)`` tensor
+            (e.g. the classifier weight or its momentum buffer).
+        n: total number of rows.
+
+    Returns:
+        The full tensor (a copy of ``x`` with one process).  Shards are padded
+        to ``ceil(n / world)`` rows for the all-gather.  Memory ``O(n)`` per
+        rank: meant for checkpoints / evaluation, not for every step.
+    """
+    world = _dist_world()
+    start, end = shard_range(n, world, rank() if world > 1 else 0)
+    if x.shape[0] != end - start:
+        raise ValueError(f"shard has {x.shape[0]} rows, expected {end - start} (n={n}, world={world})")
+    if world == 1:
+        return x.detach().clone()
+    size = math.ceil(n / world)
+    pad = x.new_zeros((size, *x.shape[1:]))
+    pad[: x.shape[0]] = x.detach()
+    parts = all_gather_no_grad(pad).reshape(world, size, *x.shape[1:])
+    sizes = [e - s for s, e in (shard_range(n, world, r) for r in range(world))]
+    return torch.cat([parts[r][: sizes[r]] for r in range(world)])
