@@ -14,6 +14,7 @@
     selfsup visualize --run RUN_DIR [--method tsne]   2-D map of the features and a
                                                       nearest-neighbour grid (PNG under RUN_DIR/eval)
     selfsup report --run RUN_DIR                      RUN_DIR/report.html and report.md
+    selfsup bench classifier [--quick] [--ns ...]     classifier head step time and memory (table + JSON)
 
 Every command prints its metrics as one JSON object on its last line.
 """
@@ -266,6 +267,18 @@ def _cmd_report(args) -> dict:
     return write_report(args.run)
 
 
+def _cmd_bench(args) -> dict:
+    if args.what == "classifier":
+        from .bench_classifier import main as bench_main
+
+        argv = list(args.args)
+        if "--out" not in argv:
+            argv += ["--out", "runs/bench/classifier.json"]
+        res = bench_main(argv)
+        return {"rows": res["rows"], "notes": res["notes"], "out": argv[argv.index("--out") + 1]}
+    raise AssertionError(args.what)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfsup", description="Self-supervised representation learning.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -315,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     vi.add_argument("--neighbours", type=int, default=8, help="neighbours per query")
     vi.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/eval)")
     vi.set_defaults(fn=_cmd_visualize)
+    b = sub.add_parser("bench", help="benchmarks: print a table, write JSON")
+    b.add_argument("what", choices=("classifier",), help="classifier: the instance-classifier head alone "
+                   "(step time, peak memory; full vs sampled, one rank vs sharded)")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (--quick, --ns, --out ...; "
+                   "see `selfsup bench classifier --help`)")
+    b.set_defaults(fn=_cmd_bench)
     r = sub.add_parser("report", help="RUN_DIR/report.html (self-contained) and RUN_DIR/report.md")
     r.add_argument("--run", metavar="RUN_DIR", required=True)
     r.set_defaults(fn=_cmd_report)

@@ -76,6 +76,20 @@ class InstDiscConfig:
 
 
 @dataclass
+class PICConfig:                        # PIC (Cao et al. 2020); one-million-way (Liu et al. 2021) options
+    temperature: float = 0.2            # cosine softmax tau (PIC 0.2, one-million-way 0.15)
+    chunk_size: int = 16384             # classifier rows per chunk (memory O(batch x chunk))
+    negatives: int = 0                  # 0: full softmax over N; K > 0: the K most recent visits + the batch
+    small_crops: int = 0                # multi-crop: small crops per image (PIC ImageNet: 3)
+    small_size: int = 96                # their size in pixels
+    small_scale: List[float] = field(default_factory=lambda: [0.05, 0.14])
+    large_size: Optional[int] = None    # the large crop's size; None: the trainer's (data) size
+    prior: bool = False                 # contrastive prior: rows = features of the untrained network
+    smooth_alpha: float = 0.0           # label smoothing mass on the top-K hardest classes (one-million-way 0.2)
+    smooth_k: int = 0                   # K hardest classes (by cos(w_i, w_j)); refreshed for each batch's targets
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 100
     max_steps: Optional[int] = None     # stop early after this many steps
@@ -142,6 +156,7 @@ class Config:
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
     instdisc: InstDiscConfig = field(default_factory=InstDiscConfig)
+    pic: PICConfig = field(default_factory=PICConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

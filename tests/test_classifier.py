@@ -493,3 +493,19 @@ def test_ddp_encoder_and_shard_gradients_equal_global_batch_gradients():
         _close(gw_enc, enc.weight.grad, 1e-10)  # DDP average of world * dL/dz_local: exact, no extra scaling
         _close(gb_enc, enc.bias.grad, 1e-10)
         _close(g_shard, w.grad[s:e], 1e-10)
+
+
+# ---------------------------------------------------------------- benchmark entry point (smoke only)
+
+
+def test_bench_classifier_run_smoke(tmp_path):
+    from selfsup.bench_classifier import run
+
+    out = tmp_path / "bench.json"
+    res = run({"quick": True, "ns": [50], "dim": 4, "batch": 8, "num_recent": 16, "sharded_world": 1,
+               "repeats": 1, "out": str(out)})
+    assert [(r["n"], r["mode"], r["world"], r["candidates"]) for r in res["rows"]] == [(50, "full", 1, 50),
+                                                                                       (50, "sampled", 1, 24)]
+    assert out.exists() and "step ms" in res["table"]
+    with pytest.raises(ValueError, match="unknown benchmark settings"):
+        run({"bogus": 1})

@@ -530,3 +530,11 @@ def build_augment(preset: str, size: int, **kwargs) -> BatchAugment:
     if preset not in AUGMENT_PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; valid: {sorted(AUGMENT_PRESETS)}")
     return AUGMENT_PRESETS[preset](size, **kwargs)
+
+
+def augment_from_config(a, size: int, crop_scale=None) -> BatchAugment:
+    """The training augmentation of config section `a` (``cfg.aug``) at `size` pixels, optionally
+    with another crop scale range (multi-crop)."""
+    return build_augment(a.preset, size, **({"strength": a.strength} if a.preset == "simclr" else {}),
+                         blur=a.blur, crop_scale=tuple(crop_scale or a.crop_scale), jitter_p=a.jitter_p,
+                         gray_p=a.gray_p, solarize_p=a.solarize_p)

@@ -16,13 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ..config import ConfigError
-from ..data.augment import build_augment
+from ..data.augment import augment_from_config
 from ..data.datasets import build_dataset
 from ..data.samplers import build_index_schedule
 from ..eval.knn import extract_features, knn_accuracy
 from ..methods import METHODS
 from ..models.backbones import build_backbone
-from ..optim import build_optimizer, build_scheduler
+from ..optim import build_optimizer, build_scheduler, param_groups
 from ..parallel import distributed as D
 from .checkpoint import load_checkpoint, load_state_checked, save_checkpoint
 from .logging import MetricLogger
@@ -175,10 +175,7 @@ def _train(cfg, resume, rank, local_rank, world):
         print(f"[selfsup] split '{cfg.eval.train_split}' has no labels: kNN monitor off")
         eval_data = None
     size = d.image_size or ds.images.shape[-1]
-    a = cfg.aug
-    aug = build_augment(a.preset, size, **({"strength": a.strength} if a.preset == "simclr" else {}),
-                        blur=a.blur, crop_scale=tuple(a.crop_scale), jitter_p=a.jitter_p, gray_p=a.gray_p,
-                        solarize_p=a.solarize_p)
+    aug = augment_from_config(cfg.aug, size)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
 
     if cfg.train.batch_size % world:
@@ -206,7 +203,11 @@ def _train(cfg, resume, rank, local_rank, world):
     if world > 1 and cfg.train.sync_bn and device.type == "cuda":   # torch's SyncBatchNorm is GPU-only
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     lr = cfg.train.lr if cfg.train.lr is not None else cfg.train.base_lr * cfg.train.batch_size / 256
-    opt = build_optimizer(model, cfg.train.optimizer, lr, cfg.train.weight_decay, cfg.train.momentum)
+    own = {id(p) for p in model.own_parameters()}   # updated by the method itself (PIC's classifier rows)
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in own]}
+              for g in param_groups(model, cfg.train.weight_decay)]
+    opt = build_optimizer([g for g in groups if g["params"]], cfg.train.optimizer, lr, cfg.train.weight_decay,
+                          cfg.train.momentum)
     sched_steps = cfg.train.epochs * steps_per_epoch
     sched = build_scheduler(opt, sched_steps, int(cfg.train.warmup_epochs * steps_per_epoch), cfg.train.schedule)
     step, elapsed_before, n_nonfinite = 0, 0.0, 0
@@ -366,7 +367,9 @@ def _train(cfg, resume, rank, local_rank, world):
                 bar.reset(total=total_steps)
                 bar.update(step)
             continue
+        lr_now = opt.param_groups[0]["lr"]
         opt.step()
+        model.optimizer_step(lr_now)
         sched.step()
         model.after_step()
         step += 1

@@ -44,6 +44,15 @@ class Method(nn.Module):
         augmentation `aug` by default; multi-crop methods override this."""
         return [aug(images, generator) for _ in range(self.n_views)]
 
+    def own_parameters(self) -> list:
+        """Parameters the method updates itself in `optimizer_step` (PIC's classifier rows); the
+        trainer's optimiser leaves them out. Empty by default."""
+        return []
+
+    def optimizer_step(self, lr: float) -> None:
+        """Called right after the trainer's optimiser step, with the learning rate that step used:
+        update `own_parameters()` here. No-op by default."""
+
     def discard_step(self) -> None:
         """Forget what `forward` left for `after_step` (a step dropped by the non-finite guard)."""
 

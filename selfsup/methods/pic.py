@@ -1,0 +1,169 @@
+"""PIC (Cao et al. 2020) and the one-million-way instance classifier (Liu et al. 2021).
+
+Every training image is its own class: z = normalize(g(f(x))), a cosine-softmax classifier over the
+N instances (:class:`~selfsup.models.classifier.InstanceClassifier`, rows normalised in the forward,
+temperature ``pic.temperature``), cross-entropy against the image's own index. Settings in
+``cfg.pic`` (see ``PICConfig``); the one-million-way classifier is this method with
+``pic.prior=true``, ``pic.smooth_alpha``/``pic.smooth_k`` and tau 0.15 (its presets set them).
+
+* **Classifier rows** are sharded across the ranks of ``torch.distributed`` (hybrid parallelism:
+  the encoder and head are data-parallel under DDP, each rank holds the rows
+  ``shard_range(N, world, rank)``; features are all-gathered, the softmax max and sum are
+  all-reduced, so communication per step is O(B D + B), independent of N). The shard, its momentum
+  and the hard-class table are excluded from DDP (:meth:`ddp_ignored`).
+* **The method updates the rows itself** (:meth:`optimizer_step`), with the trainer's lr, momentum
+  and weight decay and torch SGD's rule ``buf = m buf + (g + wd w); w -= lr buf``. With the full
+  softmax (``pic.negatives=0``) every row of the shard is updated each step. With sampled negatives
+  (``pic.negatives=K``: the K most recent visits of all ranks plus the batch's positives and their
+  hard classes) only the sampled rows and their momentum change: rows outside the set stay
+  bit-identical (the weight-update correction) and a step's cost does not grow with N.
+* **Multi-crop** (``pic.small_crops``): the large crop (the trainer's augmentation, or
+  ``pic.large_size``) trains encoder and rows; each small crop (``pic.small_size``,
+  ``pic.small_scale``) is classified by the detached rows, training the encoder only. The loss is
+  the mean over the crops (open in the paper).
+* **Contrastive prior** (``pic.prior``): at a fresh start the rows are the normalised head
+  features of the untrained network, after one pass over the data (clean images) with BN in
+  training mode to collect running statistics (cumulative average), then one in eval mode.
+* **Smoothed labels** (``pic.smooth_alpha`` > 0, ``pic.smooth_k`` = K): target 1 - alpha on the own
+  class, alpha / K on the K rows most similar to its row (cos(w_i, w_j)), refreshed before each
+  step for the batch's targets (per-shard top-K merged across ranks; O(B N D / world) per step).
+
+Checkpoints hold the full N-row weight and momentum (gathered from every shard), so a run resumes
+on any number of ranks.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from ..data.augment import augment_from_config
+from ..eval.knn import extract_features
+from ..models.classifier import InstanceClassifier, RecentInstances, sparse_sgd_
+from ..parallel import distributed as D
+from ..parallel.sharded_classifier import gather_rows
+from .base import Method
+
+SHARDED = ("clf.weight", "clf_momentum")   # (rows of this rank) in memory, (all N rows) in checkpoints
+
+
+class PIC(Method):
+    """PIC. forward(views=[large, *small], index) -> {"loss"}; optimizer_step updates the rows."""
+
+    def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
+        super().__init__(cfg, backbone, feat_dim)
+        c = cfg.pic
+        if c.negatives < 0 or c.small_crops < 0 or c.smooth_k < 0 or not 0.0 <= c.smooth_alpha < 1.0:
+            raise ValueError("pic.negatives, pic.small_crops and pic.smooth_k must be >= 0 and "
+                             f"pic.smooth_alpha in [0, 1), got {c.negatives}, {c.small_crops}, {c.smooth_k}, "
+                             f"{c.smooth_alpha}")
+        if c.smooth_alpha > 0 and c.smooth_k == 0:
+            raise ValueError("pic.smooth_alpha > 0 needs pic.smooth_k > 0 (the number of hard classes)")
+        self.n_views = 1 + c.small_crops
+        self.clf: InstanceClassifier | None = None   # sized in setup()
+        self.recent = RecentInstances(c.negatives) if c.negatives else None
+        self.small_aug = augment_from_config(cfg.aug, c.small_size, c.small_scale) if c.small_crops else None
+        self.large_aug = augment_from_config(cfg.aug, c.large_size) if c.large_size else None
+        self._pending = None
+        self._register_load_state_dict_pre_hook(self._take_own_shard)
+
+    def setup(self, num_samples: int) -> None:
+        """The N-way classifier (this rank's shard when distributed) and its momentum buffer."""
+        c = self.cfg.pic
+        if c.smooth_k >= num_samples:
+            raise ValueError(f"pic.smooth_k={c.smooth_k} must be smaller than the number of instances {num_samples}")
+        self.clf = InstanceClassifier(num_samples, self.cfg.model.proj_dim, c.temperature, c.chunk_size,
+                                      c.smooth_k, seed=self.cfg.seed)
+        self.register_buffer("clf_momentum", torch.zeros_like(self.clf.weight))
+
+    def _take_own_shard(self, state_dict, prefix, *args):
+        """Checkpoints hold all N rows: keep this rank's shard (any world size at save time). A model
+        built without setup() (to read a checkpoint's encoder) takes N from the checkpoint."""
+        if self.clf is None:
+            if prefix + "clf.weight" not in state_dict:
+                return
+            self.setup(state_dict[prefix + "clf.weight"].shape[0])
+        for name in SHARDED:
+            v = state_dict.get(prefix + name)
+            if v is not None and v.shape[0] == self.clf.num_classes != self.clf.weight.shape[0]:
+                state_dict[prefix + name] = v[self.clf.start:self.clf.end]
+
+    def gather_sharded_state(self, state: dict) -> dict:
+        state = dict(state)
+        for name in SHARDED:
+            state[name] = gather_rows(state[name], self.clf.num_classes)
+        return state
+
+    def ddp_ignored(self) -> list[str]:
+        if not (D.is_dist() and D.world_size() > 1):
+            return []
+        names = list(SHARDED) + (["clf.hard_classes"] if self.cfg.pic.smooth_k else [])
+        return names + ([f"recent.{n}" for n, _ in self.recent.named_buffers()] if self.recent else [])
+
+    def own_parameters(self) -> list:
+        return [self.clf.weight]
+
+    def make_views(self, images, aug, generator):
+        views = [(self.large_aug or aug)(images, generator)]
+        return views + [self.small_aug(images, generator) for _ in range(self.cfg.pic.small_crops)]
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+    def forward(self, views, index):
+        c = self.cfg.pic
+        clf = self.clf
+        if clf is None:
+            raise RuntimeError("PIC classifier is not built: call setup(num_samples) before training")
+        gidx = D.all_gather_no_grad(index) if D.is_dist() else index   # the global batch's instances
+        alpha = c.smooth_alpha if c.smooth_k else 0.0
+        if alpha:
+            clf.refresh_hard_classes_(gidx)
+        sel = None
+        if self.recent is not None:
+            sel = clf.select(self.recent.candidates(gidx, clf.smooth_index(gidx) if alpha else None))
+        loss = clf(self.embed(views[0]), index, rows=sel, alpha=alpha)
+        for v in views[1:]:   # small crops: the rows are detached, they train the encoder only
+            loss = loss + clf(self.embed(v), index, rows=sel, alpha=alpha, detach_weight=True)
+        self._pending = (sel, gidx)
+        return {"loss": loss / len(views)}
+
+    @torch.no_grad()
+    def optimizer_step(self, lr: float) -> None:
+        """SGD with momentum and weight decay on the rows that took part in the step."""
+        if self._pending is None:
+            return
+        sel, gidx = self._pending
+        t = self.cfg.train
+        w, buf = self.clf.weight, self.clf_momentum
+        if sel is None:   # full softmax: every row of the shard (same rule as torch SGD)
+            if w.grad is not None:
+                buf.mul_(t.momentum).add_(w.grad + t.weight_decay * w)
+                w.add_(buf, alpha=-lr)
+                w.grad = None
+        elif sel.rows.grad is not None:
+            sparse_sgd_(w, buf, sel.local, sel.rows.grad, lr, t.momentum, t.weight_decay)
+        if self.recent is not None:
+            self.recent.push(gidx)
+        self._pending = None
+
+    def discard_step(self) -> None:
+        self._pending = None
+        self.clf.weight.grad = None
+
+    @torch.no_grad()
+    def init_from_data(self, images, cfg, device, amp) -> None:
+        """``pic.prior``: rows = normalised head features of the untrained network (BN running
+        statistics collected over the data first; on a copy, the model is untouched)."""
+        if not self.cfg.pic.prior:
+            return
+        net = copy.deepcopy(nn.Sequential(self.backbone, self.head))
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None   # cumulative average over the pass
+        bs, size = cfg.train.batch_size, cfg.data.image_size
+        extract_features(net, images, bs, device, size, amp, train_bn=True)   # collects the statistics
+        feats = extract_features(net, images, bs, device, size, amp)          # eval mode, normalised
+        self.clf.init_from_features_(feats)
