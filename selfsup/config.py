@@ -84,6 +84,7 @@ class PICConfig:                        # PIC (Cao et al. 2020); one-million-way
     small_size: int = 96                # their size in pixels
     small_scale: List[float] = field(default_factory=lambda: [0.05, 0.14])
     large_size: Optional[int] = None    # the large crop's size; None: the trainer's (data) size
+    row_lr_scale: float = 1.0           # lr multiplier of the classifier rows (1: PIC's single lr)
     prior: bool = False                 # contrastive prior: rows = features of the untrained network
     smooth_alpha: float = 0.0           # label smoothing mass on the top-K hardest classes (one-million-way 0.2)
     smooth_k: int = 0                   # K hardest classes (by cos(w_i, w_j)); refreshed for each batch's targets

@@ -12,7 +12,7 @@ temperature ``pic.temperature``), cross-entropy against the image's own index. S
   all-reduced, so communication per step is O(B D + B), independent of N). The shard, its momentum
   and the hard-class table are excluded from DDP (:meth:`ddp_ignored`).
 * **The method updates the rows itself** (:meth:`optimizer_step`), with the trainer's lr, momentum
-  and weight decay and torch SGD's rule ``buf = m buf + (g + wd w); w -= lr buf``. With the full
+  (times ``pic.row_lr_scale``) and weight decay and torch SGD's rule ``buf = m buf + (g + wd w); w -= lr buf``. With the full
   softmax (``pic.negatives=0``) every row of the shard is updated each step. With sampled negatives
   (``pic.negatives=K``: the K most recent visits of all ranks plus the batch's positives and their
   hard classes) only the sampled rows and their momentum change: rows outside the set stay
@@ -136,6 +136,7 @@ class PIC(Method):
             return
         sel, gidx = self._pending
         t = self.cfg.train
+        lr = lr * self.cfg.pic.row_lr_scale
         w, buf = self.clf.weight, self.clf_momentum
         if sel is None:   # full softmax: every row of the shard (same rule as torch SGD)
             if w.grad is not None:
