@@ -98,13 +98,6 @@ def _number_list(text: str, cast, option: str) -> list:
     return values
 
 
-def _check_labelled(ds, split: str, what: str) -> None:
-    from .config import ConfigError
-
-    if ds.num_classes == 0 or (ds.labels < 0).any():
-        raise ConfigError(f"split '{split}' ({ds.name}) has no labels: {what} needs a labelled split")
-
-
 def _split_features(encoder, cfg, images, device, normalize: bool = True):
     from .engine.trainer import autocast_dtype
     from .eval.knn import extract_features
@@ -114,6 +107,7 @@ def _split_features(encoder, cfg, images, device, normalize: bool = True):
 
 
 def _cmd_eval_knn(args) -> dict:
+    from .data.datasets import require_labels
     from .engine.trainer import knn_protocol, load_eval_data, resolve_device
     from .eval.knn import knn_sweep
 
@@ -124,8 +118,8 @@ def _cmd_eval_knn(args) -> dict:
     device = resolve_device(cfg.device)
     encoder = encoder.to(device)
     train_ds, test_ds = load_eval_data(cfg)
-    _check_labelled(train_ds, cfg.eval.train_split, "kNN")
-    _check_labelled(test_ds, cfg.eval.test_split, "kNN")
+    require_labels(train_ds, cfg.eval.train_split, "kNN")
+    require_labels(test_ds, cfg.eval.test_split, "kNN")
     ftr = _split_features(encoder, cfg, train_ds.images, device)
     fte = _split_features(encoder, cfg, test_ds.images, device)
     k0, t0 = cfg.eval.knn_k, cfg.eval.knn_temperature   # the main result; the sweep rides on the same search
@@ -136,11 +130,7 @@ def _cmd_eval_knn(args) -> dict:
     res["protocol"] = knn_protocol(cfg)
     if args.k or args.t:
         res["sweep"] = [r for k in ks for t in ts for r in table if r["k"] == k and r["t"] == t]
-    if cfg.run_dir:
-        out = Path(cfg.run_dir) / "eval"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "knn.json").write_text(json.dumps(res, indent=2) + "\n")
-    return res
+    return _save_eval(cfg, "knn", res)
 
 
 def _eval_inputs(args, finetune: bool = False):
@@ -221,6 +211,7 @@ def _cmd_visualize(args) -> dict:
     import torch
 
     from .config import ConfigError
+    from .data.datasets import require_labels
     from .engine.trainer import load_split, resolve_device
     from .eval.embed import subset_indices
     from .eval.visualize import nearest_neighbours, pick_queries, plot_map, plot_neighbours, reduce_2d
@@ -232,9 +223,9 @@ def _cmd_visualize(args) -> dict:
     device = resolve_device(cfg.device)
     encoder = encoder.to(device)
     ds = load_split(cfg, args.split)
-    _check_labelled(ds, args.split, "visualize")
+    require_labels(ds, args.split, "visualize")
     bank_ds = ds if args.split == cfg.eval.train_split else load_split(cfg, cfg.eval.train_split)
-    _check_labelled(bank_ds, cfg.eval.train_split, "the nearest-neighbour grid")
+    require_labels(bank_ds, cfg.eval.train_split, "the nearest-neighbour grid")
     out.mkdir(parents=True, exist_ok=True)
 
     sub = subset_indices(len(ds), args.max_points or None)

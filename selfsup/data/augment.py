@@ -532,6 +532,11 @@ def build_augment(preset: str, size: int, **kwargs) -> BatchAugment:
     return AUGMENT_PRESETS[preset](size, **kwargs)
 
 
+def crop_flip_augment(size: int, crop_scale=(0.08, 1.0)) -> BatchAugment:
+    """Random resized crop + horizontal flip only (linear evaluation with augmentation, fine-tuning)."""
+    return BatchAugment(size, crop_scale=tuple(crop_scale), flip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+
+
 def augment_from_config(a, size: int, crop_scale=None) -> BatchAugment:
     """The training augmentation of config section `a` (``cfg.aug``) at `size` pixels, optionally
     with another crop scale range (multi-crop)."""

@@ -151,6 +151,15 @@ def register_dataset(name: str, splits: tuple[str, ...] = ("train", "test")) -> 
     return decorator
 
 
+def require_labels(ds: ImageDataset, split: str, what: str) -> None:
+    """ConfigError unless every item of `ds` (split `split`) has a label; `what` names the user."""
+    from ..config import ConfigError
+
+    if ds.num_classes == 0 or (ds.labels < 0).any():
+        raise ConfigError(f"split '{split}' ({ds.name}) has no labels (unlabelled items, label -1): {what} "
+                          "needs a labelled split (set eval.train_split / eval.test_split)")
+
+
 def build_dataset(
     name: str,
     split: str,

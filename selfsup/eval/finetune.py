@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..data.augment import BatchAugment, eval_transform
+from ..data.augment import crop_flip_augment, eval_transform
+from ..data.datasets import require_labels
 from .knn import extract_features
-from .linear import check_labels, new_classifier, sgd_with_schedule, topk_accuracy
+from .linear import new_classifier, sgd_with_schedule, topk_accuracy
 
 
 def balanced_subset(labels: Tensor, fraction: float, seed: int = 0, num_classes: int | None = None) -> Tensor:
@@ -86,8 +87,7 @@ def finetune(net: nn.Module, train_ds, idx: Tensor, *, epochs: int, lr: float, b
     if bs < 2:
         raise ConfigError(f"the labelled subset has {n} item(s); BN in training mode needs batches of >= 2")
     steps_per_epoch = n // bs   # full batches only (BN statistics of a tiny last batch are noise)
-    aug = BatchAugment(image_size or images.shape[-1], crop_scale=tuple(crop_scale), flip_p=0.5,
-                       jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    aug = crop_flip_augment(image_size or images.shape[-1], crop_scale)
     opt, sched = sgd_with_schedule(net.parameters(), lr, 0.0, 0.9, "cosine", epochs * steps_per_epoch, nesterov=True)
     g = torch.Generator().manual_seed(seed + 1)
     net.to(device).train()
@@ -113,8 +113,8 @@ def finetune_eval(encoder: nn.Module, cfg, train_ds, test_ds, device, amp, head:
     fraction of `eval.finetune_fractions`; report finetune_<N>pct_{top1,top5,train_top1,labels}
     and a `protocol`. Each subset's indices are written to OUT_DIR/finetune_subset_<N>pct.json."""
     e = cfg.eval
-    check_labels(train_ds, e.train_split)
-    check_labels(test_ds, e.test_split)
+    require_labels(train_ds, e.train_split, "fine-tuning")
+    require_labels(test_ds, e.test_split, "fine-tuning")
     if e.train_split == e.test_split or train_ds is test_ds:   # subsets index the train split only
         raise ConfigError(f"eval.train_split and eval.test_split are both '{e.test_split}': the labelled "
                           "subsets must come from a split disjoint from the test split")

@@ -13,6 +13,14 @@ from ..data.augment import eval_transform
 from ..parallel.distributed import all_gather_no_grad, rank, world_size
 
 
+def _vote(sim: Tensor, nb_labels: Tensor, temperature: float, num_classes: int) -> Tensor:
+    """Class scores (q, num_classes): each neighbour (similarity `sim`, label `nb_labels`, both
+    (q, k)) votes exp(sim / temperature) for its class."""
+    weight = (sim / temperature).exp()
+    scores = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=weight.dtype)
+    return scores.scatter_add_(1, nb_labels, weight)
+
+
 def knn_scores(train_feats: Tensor, train_labels: Tensor, query: Tensor, k: int, temperature: float,
                num_classes: int, chunk: int = 512) -> Tensor:
     """Class scores (Q, num_classes) for `query` (Q, D) against `train_feats` (N, D).
@@ -23,9 +31,7 @@ def knn_scores(train_feats: Tensor, train_labels: Tensor, query: Tensor, k: int,
     out = []
     for q in query.split(chunk):
         sim, idx = (q @ train_feats.T).topk(k, dim=1)                    # (q, k)
-        weight = (sim / temperature).exp()
-        scores = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=weight.dtype)
-        out.append(scores.scatter_add_(1, train_labels[idx], weight))
+        out.append(_vote(sim, train_labels[idx], temperature, num_classes))
     return torch.cat(out)
 
 
@@ -97,9 +103,7 @@ def knn_sweep(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, tes
         for i, k in enumerate(ks):
             k = min(k, n)
             for j, t in enumerate(ts):
-                weight = (sim[:, :k] / t).exp()
-                scores = torch.zeros(q.shape[0], num_classes, device=q.device, dtype=weight.dtype)
-                scores.scatter_add_(1, nb_labels[:, :k], weight)
+                scores = _vote(sim[:, :k], nb_labels[:, :k], t, num_classes)
                 hits[i, j].append(scores.topk(min(5, num_classes), dim=1).indices == y[:, None])
     table = []
     for (i, j), h in hits.items():

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..data.augment import BatchAugment
+from ..data.augment import crop_flip_augment
+from ..data.datasets import require_labels
 from ..optim import warmup_cosine
 from .knn import extract_features
 
@@ -63,13 +64,6 @@ def sgd_with_schedule(params, lr: float, weight_decay: float, momentum: float, s
     """(SGD optimiser, per-step LambdaLR with `lr_factor(schedule, total_steps)`)."""
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(schedule, total_steps))
-
-
-def check_labels(ds, split: str) -> None:
-    """ConfigError unless every item of dataset `ds` (split `split`) has a label."""
-    if ds.num_classes == 0 or (ds.labels < 0).any():
-        raise ConfigError(f"split '{split}' ({ds.name}) has unlabelled items (label -1): the linear, logreg "
-                          "and finetune protocols need a labelled split (set eval.train_split / eval.test_split)")
 
 
 def standardize_features(train_feats: Tensor, *others: Tensor) -> list[Tensor]:
@@ -128,7 +122,7 @@ def linear_probe_augment(encoder: nn.Module, train_ds, test_ds, *, epochs: int =
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     images, labels = train_ds.images, train_ds.labels.to(device)
     size = image_size or images.shape[-1]
-    aug = BatchAugment(size, crop_scale=tuple(crop_scale), flip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
+    aug = crop_flip_augment(size, crop_scale)
     was_training = encoder.training
     encoder.eval()
     g = torch.Generator().manual_seed(seed + 1)
@@ -187,8 +181,8 @@ def linear_eval(encoder: nn.Module, cfg, train_ds, test_ds, device, amp) -> dict
     the result carries a `protocol` string that says what was measured."""
     e = cfg.eval
     s = linear_settings(cfg)
-    check_labels(train_ds, e.train_split)
-    check_labels(test_ds, e.test_split)
+    require_labels(train_ds, e.train_split, "linear evaluation")
+    require_labels(test_ds, e.test_split, "linear evaluation")
     size = cfg.data.image_size
     if e.linear_mode == "features":
         ftr = extract_features(encoder, train_ds.images, e.batch_size, device, size, amp, normalize=False)

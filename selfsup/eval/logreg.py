@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import ConfigError
+from ..data.datasets import require_labels
 from .knn import extract_features
-from .linear import check_labels, standardize_features, topk_accuracy
+from .linear import standardize_features, topk_accuracy
 
 
 def logreg_objective(weight: Tensor, bias: Tensor, x: Tensor, y: Tensor, l2: float) -> Tensor:
@@ -132,8 +133,8 @@ def logreg_eval(encoder, cfg, train_ds, test_ds, device, amp) -> dict:
     """`logreg_probe` on the clean features of `encoder` with the settings of `cfg.eval`; the result
     carries a `protocol` string."""
     e = cfg.eval
-    check_labels(train_ds, e.train_split)
-    check_labels(test_ds, e.test_split)
+    require_labels(train_ds, e.train_split, "logistic regression")
+    require_labels(test_ds, e.test_split, "logistic regression")
     if not 0.0 < e.logreg_val_fraction < 1.0:
         raise ConfigError(f"eval.logreg_val_fraction must be in (0, 1), got {e.logreg_val_fraction}")
     if e.logreg_max_iter < 1 or len(e.logreg_l2_range) != 2:
