@@ -14,7 +14,8 @@
     selfsup visualize --run RUN_DIR [--method tsne]   2-D map of the features and a
                                                       nearest-neighbour grid (PNG under RUN_DIR/eval)
     selfsup report --run RUN_DIR                      RUN_DIR/report.html and report.md
-    selfsup bench classifier [--quick] [--ns ...]     classifier head step time and memory (table + JSON)
+    selfsup bench classifier|throughput|augment|data [--quick] ...   benchmarks (table + JSON)
+    selfsup fake-imagenet OUT [--classes 4 ...]       a small ImageNet-like set (folders + zips + maps)
 
 Every command prints its metrics as one JSON object on its last line.
 """
@@ -252,22 +253,36 @@ def _cmd_visualize(args) -> dict:
             "points": len(sub), "neighbour_precision": (ny == qy[:, None]).float().mean().item()}
 
 
+def _cmd_fake_imagenet(args) -> dict:
+    from .data.fake import make_fake_imagenet
+
+    return make_fake_imagenet(args.out, args.classes, args.train_per_class, args.val_per_class,
+                              args.min_size, args.max_size, args.seed)
+
+
 def _cmd_report(args) -> dict:
     from .report import write_report
 
     return write_report(args.run)
 
 
-def _cmd_bench(args) -> dict:
-    if args.what == "classifier":
-        from .bench_classifier import main as bench_main
+BENCHES = {   # `selfsup bench NAME`: module selfsup.bench_NAME, whose main(argv) returns {"rows", "notes", ...}
+    "classifier": "the instance-classifier head alone (step time, peak memory; full vs sampled, one rank vs sharded)",
+    "throughput": "training step views/s, ms/step, peak memory, data share, FLOP/s: synthetic vs real pipeline",
+    "augment": "batched augmentation vs torchvision per-image pipeline in DataLoader workers (images/s)",
+    "data": "images/s of each image reader (folder, zip, cached zip; CPU / GPU decode) by number of workers",
+}
 
-        argv = list(args.args)
-        if "--out" not in argv:
-            argv += ["--out", "runs/bench/classifier.json"]
-        res = bench_main(argv)
-        return {"rows": res["rows"], "notes": res["notes"], "out": argv[argv.index("--out") + 1]}
-    raise AssertionError(args.what)
+
+def _cmd_bench(args) -> dict:
+    import importlib
+
+    bench_main = importlib.import_module(f"selfsup.bench_{args.what}").main
+    argv = list(args.args)
+    if "--out" not in argv:
+        argv += ["--out", f"runs/bench/{args.what}.json"]
+    res = bench_main(argv)
+    return {"rows": res["rows"], "notes": res["notes"], "out": argv[argv.index("--out") + 1]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,11 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     vi.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/eval)")
     vi.set_defaults(fn=_cmd_visualize)
     b = sub.add_parser("bench", help="benchmarks: print a table, write JSON")
-    b.add_argument("what", choices=("classifier",), help="classifier: the instance-classifier head alone "
-                   "(step time, peak memory; full vs sampled, one rank vs sharded)")
-    b.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (--quick, --ns, --out ...; "
-                   "see `selfsup bench classifier --help`)")
+    b.add_argument("what", choices=tuple(BENCHES), help="; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
+    b.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (--quick, --out ...; "
+                   "see `selfsup bench NAME --help`)")
     b.set_defaults(fn=_cmd_bench)
+    fk = sub.add_parser("fake-imagenet", help="write a small ImageNet-like set (folders, zips, map files) to OUT")
+    fk.add_argument("out", metavar="OUT")
+    fk.add_argument("--classes", type=int, default=4)
+    fk.add_argument("--train-per-class", type=int, default=50)
+    fk.add_argument("--val-per-class", type=int, default=10)
+    fk.add_argument("--min-size", type=int, default=64, help="smallest image side (px)")
+    fk.add_argument("--max-size", type=int, default=160, help="largest image side (px)")
+    fk.add_argument("--seed", type=int, default=0)
+    fk.set_defaults(fn=_cmd_fake_imagenet)
     r = sub.add_parser("report", help="RUN_DIR/report.html (self-contained) and RUN_DIR/report.md")
     r.add_argument("--run", metavar="RUN_DIR", required=True)
     r.set_defaults(fn=_cmd_report)

@@ -28,6 +28,12 @@ class DataConfig:
     sampler: str = "epoch"              # epoch (shuffled epochs) | sliding_window (PIC's scheduler)
     window: int = 131072                # sliding window W (PIC ImageNet: 2^17)
     stride: int = 16384                 # sliding-window stride S (PIC ImageNet: 2^14)
+    stream: Optional[bool] = None       # read images from files during training (None: yes for imagenet-zip)
+    file_list: Optional[str] = None     # imagefolder: a list of "path[<TAB>label]" lines ("{split}" expands)
+    index_cache: Optional[str] = "~/.cache/selfsup/index"   # imagefolder file-index cache (null: none)
+    cache_mode: str = "none"            # streamed sets: none | full (all bytes in RAM) | part (this rank's share)
+    decode: str = "cpu"                 # streamed sets: cpu (PIL in workers) | device (torchvision.io on the GPU)
+    prefetch: int = 4                   # batches each loader worker prepares ahead
 
 
 @dataclass
@@ -249,6 +255,8 @@ def validate(cfg: DictConfig) -> None:
         "instdisc.loss": ("nce", "softmax"),
         "instdisc.bank_init": ("random", "features"),
         "data.sampler": ("epoch", "sliding_window"),
+        "data.cache_mode": ("none", "full", "part"),
+        "data.decode": ("cpu", "device"),
         "train.nonfinite": ("stop", "skip", "rollback"),
     }
     for key, valid in choices.items():

@@ -345,3 +345,16 @@ def test_presets():
         build_augment("byol", 32)
     with pytest.raises(ValueError):
         BatchAugment(32, jitter=(0.4, 0.4, 0.4, 0.6))
+
+
+def test_precropped_views_get_every_step_but_the_crop():
+    """crop=False (views cut while decoding): the same as apply() with the whole image as the box."""
+    aug = simclr_augment(16, strength=1.0, blur=True)
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    out = aug(x, torch.Generator().manual_seed(3), crop=False)
+    p = aug.sample_params(6, 16, 16, generator=torch.Generator().manual_seed(3))
+    p.update(top=torch.zeros(6, dtype=torch.long), left=torch.zeros(6, dtype=torch.long),
+             height=torch.full((6,), 16), width=torch.full((6,), 16))
+    torch.testing.assert_close(out, aug.apply(x, p))
+    with pytest.raises(ValueError, match="crop=False needs images of 16x16"):
+        aug(torch.zeros(2, 3, 20, 20, dtype=torch.uint8), crop=False)

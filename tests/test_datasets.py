@@ -289,7 +289,7 @@ def test_synthetic():
 def test_unknown_name_and_split():
     with pytest.raises(ValueError) as e:
         build_dataset("imagenet-9000", "train")
-    assert "cifar10, cifar100, fashion-mnist, imagefolder, stl10, synthetic" in str(e.value)
+    assert "cifar10, cifar100, fashion-mnist, imagefolder, imagenet-zip, stl10, synthetic" in str(e.value)
     with pytest.raises(ValueError, match="unlabeled"):
         build_dataset("stl10", "val")
     with pytest.raises(ValueError, match="train, test"):

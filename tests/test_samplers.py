@@ -292,3 +292,32 @@ def test_invalid_arguments():
         build_index_schedule("nope", 100, 10)
     assert isinstance(build_index_schedule("epoch", 100, 10), EpochSampler)
     assert isinstance(build_index_schedule("sliding_window", 100, 10, window=40, stride=10), SlidingWindowSampler)
+
+
+# ---------------------------------------------------------------- partitioned (cache_mode=part)
+@pytest.mark.parametrize("kind", ["epoch", "sliding_window"])
+def test_partitioned_schedule_keeps_each_rank_in_its_part_and_resumes(kind):
+    from selfsup.data.samplers import build_index_schedule
+
+    kw = {"window": 40, "stride": 10} if kind == "sliding_window" else {}
+    s = build_index_schedule(kind, 103, 12, 7, partition_world=3, **kw)
+    seen = [set() for _ in range(3)]
+    for _ in range(2 * s.epoch_length):
+        g = s.next_global_batch()
+        for r in range(3):
+            part = g[4 * r:4 * (r + 1)].tolist()
+            assert all(i % 3 == r for i in part) and len(set(part)) == 4
+            seen[r].update(part)
+    assert all(len(x) >= (30 if kind == "epoch" else 12) for x in seen)
+    state = s.state_dict()
+    t = build_index_schedule(kind, 103, 12, 7, partition_world=3, **kw)
+    t.load_state_dict(state)
+    for _ in range(5):
+        assert torch.equal(s.next_batch(1, 3), t.next_batch(1, 3))
+    # saved on 3 ranks, resumed on 2: same number of steps done, each rank in its new part
+    u = build_index_schedule(kind, 103, 12, 7, partition_world=2, **kw)
+    u.load_state_dict(state)
+    assert u.steps_done == state["steps_done"]
+    assert all(i % 2 == 1 for i in u.next_batch(1, 2).tolist())
+    with pytest.raises(ValueError, match="for 2 processes"):
+        u.next_batch(0, 4)

@@ -442,14 +442,22 @@ class BatchAugment:
             x = torch.where(sol, 1.0 - x, x)
         return _normalize(x, self.mean, self.std)
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None, crop: bool = True) -> Tensor:
         """Sample per-sample parameters on ``images.device`` and apply them.
 
-        images: (B, C, H, W) uint8 -> (B, 3, size, size) float32.
+        images: (B, C, H, W) uint8 -> (B, 3, size, size) float32. ``crop=False``: the images are
+        already random-resized crops of side ``size`` (cut while decoding, selfsup.data.loader);
+        every other step (flip, colour, blur, ...) is applied as usual.
         """
         _check_channels(images)
         b, _, h, w = images.shape
-        return self.apply(images, self.sample_params(b, h, w, generator=generator, device=images.device))
+        params = self.sample_params(b, h, w, generator=generator, device=images.device)
+        if not crop:
+            if (h, w) != (self.size, self.size):
+                raise ValueError(f"crop=False needs images of {self.size}x{self.size}, got {h}x{w}")
+            params.update(top=torch.zeros_like(params["top"]), left=torch.zeros_like(params["left"]),
+                          height=torch.full_like(params["height"], h), width=torch.full_like(params["width"], w))
+        return self.apply(images, params)
 
 
 def eval_transform(

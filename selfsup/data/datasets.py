@@ -19,8 +19,6 @@ import gzip
 import math
 import os
 import pickle
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -546,122 +544,38 @@ def load_stl10(split: str, root: str | None = None, download: bool = False,
 
 
 # --------------------------------------------------------------------------- #
-# Image folders
+# Image folders and zipped ImageNet (decoded into memory; selfsup.data.files streams them)
 # --------------------------------------------------------------------------- #
-def _is_image(fname: str) -> bool:
-    return fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith(".")
-
-
-def _list_images(folder: str, recursive: bool) -> list[str]:
-    if not recursive:
-        return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                      if _is_image(f) and os.path.isfile(os.path.join(folder, f)))
-    out = []
-    for dirpath, dirnames, fnames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        out.extend(os.path.join(dirpath, f) for f in sorted(fnames) if _is_image(f))
-    return out
-
-
-def _decode_image(path: str, image_size: int | None) -> np.ndarray:
-    """Decode one file to uint8 (H, W, 3); if image_size, resize shorter side and centre-crop."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if image_size is not None:
-            w, h = im.size
-            scale = image_size / min(w, h)
-            nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-            if (nw, nh) != (w, h):
-                im = im.resize((nw, nh), Image.BICUBIC)
-            left, top = (nw - image_size) // 2, (nh - image_size) // 2
-            im = im.crop((left, top, left + image_size, top + image_size))
-        return np.asarray(im, dtype=np.uint8).copy()
-
-
 @register_dataset("imagefolder", splits=("train", "test"))
 def load_imagefolder(split: str, root: str | None = None, download: bool = False,
                      image_size: int | None = None, on_error: str = "raise",
-                     num_workers: int | None = None) -> ImageDataset:
-    """Images from a folder. Returns images uint8 (N, 3, H, W), H = W = image_size if given.
+                     num_workers: int | None = None, file_list: str | None = None,
+                     index_cache: str | None = "~/.cache/selfsup/index") -> ImageDataset:
+    """Images from a folder, decoded into memory. Returns images uint8 (N, 3, H, W), H = W = image_size if given.
 
     The split folder is root/<split> (test also accepts root/val); for "train"
     root itself is used when it has no train/test/val sub-folders. In the split
     folder, class sub-folders give a labelled set (classes = sorted folder names,
     images found recursively); otherwise the images directly in it form an
-    unlabelled set (labels -1, classes []).
+    unlabelled set (labels -1, classes []). `file_list` (a path; "{split}" is
+    replaced by the split) lists "path[<TAB>label]" lines instead. The file index
+    is cached in `index_cache` (see selfsup.data.files).
     """
-    if root is None:
-        raise DatasetNotFoundError("imagefolder needs data.root=DIR (a folder of images or of class folders)")
-    root = os.path.expanduser(str(root))
-    if not os.path.isdir(root):
-        raise DatasetNotFoundError(f"imagefolder root {root} does not exist or is not a folder")
-    names = ["train"] if split == "train" else ["test", "val"]
-    tried = [os.path.join(root, n) for n in names]
-    folder = next((p for p in tried if os.path.isdir(p)), None)
-    if folder is None:
-        has_splits = any(os.path.isdir(os.path.join(root, n)) for n in ("train", "test", "val"))
-        if split == "train" and not has_splits:
-            folder = root
-        else:
-            raise DatasetNotFoundError(
-                f"imagefolder {split} split not found; tried: {', '.join(tried)}"
-                + ("" if split != "train" else f" (and {root} itself, which has test/val sub-folders)")
-            )
+    from .files import open_imagefolder
 
-    subdirs = sorted(d for d in os.listdir(folder) if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
-    classes: list[str] = []
-    paths: list[str] = []
-    labels: list[int] = []
-    per_class = [(d, _list_images(os.path.join(folder, d), recursive=True)) for d in subdirs]
-    per_class = [(d, ps) for d, ps in per_class if ps]
-    if per_class:
-        for c, (d, ps) in enumerate(per_class):
-            classes.append(d)
-            paths.extend(ps)
-            labels.extend([c] * len(ps))
-    else:
-        paths = _list_images(folder, recursive=False)
-        labels = [-1] * len(paths)
-    if not paths:
-        raise ValueError(
-            f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder} or its class sub-folders"
-        )
+    return open_imagefolder(root, split, file_list, index_cache).to_memory(image_size, on_error, num_workers)
 
-    def work(p: str):
-        try:
-            return _decode_image(p, image_size), None
-        except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, ...
-            return None, e
 
-    workers = num_workers or min(8, (os.cpu_count() or 1) + 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(work, paths))
+@register_dataset("imagenet-zip", splits=("train", "test"))
+def load_imagenet_zip(split: str, root: str | None = None, download: bool = False,
+                      image_size: int | None = None, on_error: str = "raise",
+                      num_workers: int | None = None) -> ImageDataset:
+    """ImageNet in PIC's zip layout (root/train.zip + train_map.txt, root/val.zip + val_map.txt; the
+    test split reads val), decoded into memory: images uint8 (N, 3, image_size, image_size). Large sets
+    stream instead (data.stream=true, the default for imagenet-zip in training)."""
+    from .files import open_imagenet_zip
 
-    arrays, keep_labels, bad = [], [], []
-    for p, lab, (arr, err) in zip(paths, labels, results):
-        if err is not None:
-            if on_error == "raise":
-                raise DatasetFormatError(f"cannot decode image {p}: {type(err).__name__}: {err}") from err
-            bad.append(p)
-            continue
-        arrays.append(arr)
-        keep_labels.append(lab)
-    if bad:
-        warnings.warn(f"imagefolder: skipped {len(bad)} unreadable image(s) in {folder}, e.g. {bad[0]}", stacklevel=2)
-    if not arrays:
-        raise ValueError(f"imagefolder: no readable images in {folder} ({len(bad)} unreadable)")
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        ex = sorted(shapes)[:3]
-        raise ValueError(
-            f"imagefolder: images in {folder} have different sizes (e.g. {', '.join(f'{s[1]}x{s[0]}' for s in ex)}); "
-            f"set data.image_size to resize them"
-        )
-    images_t = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    labels_t = torch.tensor(keep_labels, dtype=torch.int64)
-    return _finish(images_t, labels_t, classes, f"imagefolder/{split}", None, folder)
+    return open_imagenet_zip(root, split).to_memory(image_size, on_error, num_workers)
 
 
 # --------------------------------------------------------------------------- #

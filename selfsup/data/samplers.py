@@ -46,6 +46,7 @@ __all__ = [
     "IndexSchedule",
     "EpochSampler",
     "SlidingWindowSampler",
+    "PartitionedSchedule",
     "rank_slice",
     "build_index_schedule",
 ]
@@ -331,10 +332,68 @@ class SlidingWindowSampler(IndexSchedule):
         self.windows_made, self.pos, self._order = made, pos, order
 
 
+class PartitionedSchedule(IndexSchedule):
+    """Each rank reads only its own part of the data: rank ``r`` of ``w`` the indices
+    ``r, r + w, r + 2w, ...`` (PIC's ``--cache-mode part``, where each rank caches just those).
+
+    Rank ``r``'s slice of every global batch comes from its own inner schedule (``kind``, over
+    its part, batch ``B / w``, seed ``seed + r``; a sliding window of ``W / w``, ``S / w``), so the
+    global batch is the rank slices concatenated in rank order. ``epoch_length`` is the shortest
+    inner one. A state saved with another world size is replayed step by step on the new
+    partition (same number of steps; the order differs, as the parts differ).
+    """
+
+    kind = "partitioned"
+
+    def __init__(self, kind: str, n: int, batch_size: int, world_size: int, seed: int = 0, **kw):
+        _check_positive(n=n, batch_size=batch_size, world_size=world_size)
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} is not divisible by the world size {world_size}")
+        if kind == "sliding_window":
+            kw = {k: max(1, v // world_size) for k, v in kw.items()}
+        self.n, self.batch_size, self.world, self.seed, self.inner_kind = n, batch_size, world_size, int(seed), kind
+        self.parts = [torch.arange(r, n, world_size) for r in range(world_size)]
+        self.inner = [build_index_schedule(kind, len(p), batch_size // world_size, seed + r, **kw)
+                      for r, p in enumerate(self.parts)]
+        self.steps_done = 0
+
+    @property
+    def epoch_length(self) -> int:
+        return min(s.epoch_length for s in self.inner)
+
+    def next_global_batch(self) -> torch.Tensor:
+        self.steps_done += 1
+        return torch.cat([p[s.next_global_batch()] for p, s in zip(self.parts, self.inner)])
+
+    def next_batch(self, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        if world_size != self.world:
+            raise ValueError(f"this partitioned schedule is for {self.world} processes, not {world_size}")
+        return super().next_batch(rank, world_size)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "n": self.n, "batch_size": self.batch_size, "seed": self.seed,
+                "world": self.world, "steps_done": self.steps_done, "inner": [s.state_dict() for s in self.inner]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_state(state, ("n", "batch_size", "seed"))
+        if int(state["world"]) == self.world:
+            for s, st in zip(self.inner, state["inner"]):
+                s.load_state_dict(st)
+            self.steps_done = int(state["steps_done"])
+        else:
+            for _ in range(int(state["steps_done"]) - self.steps_done):
+                self.next_global_batch()
+
+
 def build_index_schedule(kind: str, n: int, batch_size: int, seed: int = 0, *,
-                         window: int | None = None, stride: int | None = None) -> IndexSchedule:
+                         window: int | None = None, stride: int | None = None,
+                         partition_world: int | None = None) -> IndexSchedule:
     """``"epoch"`` -> :class:`EpochSampler`; ``"sliding_window"`` -> :class:`SlidingWindowSampler`
-    (needs ``window`` and ``stride``)."""
+    (needs ``window`` and ``stride``); with ``partition_world`` a :class:`PartitionedSchedule` of
+    that kind over that many ranks."""
+    if partition_world:
+        kw = {"window": window, "stride": stride} if kind == "sliding_window" else {}
+        return PartitionedSchedule(kind, n, batch_size, partition_world, seed, **kw)
     if kind == "epoch":
         return EpochSampler(n, batch_size, seed)
     if kind == "sliding_window":

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..config import ConfigError
 from ..data.augment import augment_from_config
 from ..data.datasets import build_dataset
+from ..data.loader import StreamLoader
 from ..data.samplers import build_index_schedule
 from ..eval.knn import extract_features, knn_accuracy
 from ..methods import METHODS
@@ -58,26 +59,57 @@ def build_model(cfg: DictConfig):
     return METHODS[cfg.method](cfg, backbone, feat_dim)
 
 
-def load_eval_data(cfg: DictConfig, train_ds=None):
+def load_eval_data(cfg: DictConfig, train_ds=None, stream: bool = False):
     """(train, test) labelled datasets for the kNN monitor; reuses `train_ds` when the splits agree."""
     train = train_ds if (train_ds is not None and cfg.eval.train_split == cfg.data.train_split) else \
-        load_split(cfg, cfg.eval.train_split)
-    return train, load_split(cfg, cfg.eval.test_split)
+        load_split(cfg, cfg.eval.train_split, stream)
+    return train, load_split(cfg, cfg.eval.test_split, stream)
 
 
-def load_split(cfg: DictConfig, split: str):
-    """The dataset `cfg.data.name`, split `split`, with the data.* options."""
+STREAMABLE = ("imagefolder", "imagenet-zip")
+
+
+def streams(cfg: DictConfig) -> bool:
+    """Whether training reads the images from their files step by step (data.stream; None: only
+    imagenet-zip) instead of holding the decoded set in memory."""
     d = cfg.data
-    extra = {"num_workers": d.num_workers} if d.name == "imagefolder" and d.num_workers else {}
+    on = d.stream if d.stream is not None else d.name == "imagenet-zip"
+    if on and d.name not in STREAMABLE:
+        raise ConfigError(f"data.stream=true works for {', '.join(STREAMABLE)}, not data.name={d.name} "
+                          "(it is held in memory; leave data.stream unset)")
+    if on and not d.image_size:
+        raise ConfigError(f"streamed data ({d.name}) needs data.image_size (e.g. 224): its images differ in size")
+    return bool(on)
+
+
+def load_split(cfg: DictConfig, split: str, stream: bool = False):
+    """The dataset `cfg.data.name`, split `split`, with the data.* options: an in-memory ImageDataset,
+    or with `stream` a file-backed FileImageSet (selfsup.data.files) read by the loader's workers."""
+    d = cfg.data
+    if stream:
+        from ..data.files import open_imagefolder, open_imagenet_zip
+
+        dset = open_imagenet_zip(d.root, split) if d.name == "imagenet-zip" else \
+            open_imagefolder(d.root, split, d.file_list, d.index_cache)
+        dset.workers = d.num_workers
+        return dset
+    extra = {"num_workers": d.num_workers} if d.name in STREAMABLE and d.num_workers else {}
+    if d.name == "imagefolder":
+        extra.update(file_list=d.file_list, index_cache=d.index_cache)
     return build_dataset(d.name, split, root=d.root, download=d.download, image_size=d.image_size,
                          on_error=d.on_error, **extra)
+
+
+def pixels(ds):
+    """What feature extraction reads: the uint8 image tensor of an in-memory set, or the file-backed set."""
+    return getattr(ds, "images", ds)
 
 
 def knn_eval(encoder, cfg, train_ds, test_ds, device, amp) -> dict:
     """Weighted kNN top-1/top-5 of `encoder` on clean (test-transform) features of train and test."""
     size = cfg.data.image_size
-    ftr = extract_features(encoder, train_ds.images, cfg.eval.batch_size, device, size, amp)
-    fte = extract_features(encoder, test_ds.images, cfg.eval.batch_size, device, size, amp)
+    ftr = extract_features(encoder, pixels(train_ds), cfg.eval.batch_size, device, size, amp)
+    fte = extract_features(encoder, pixels(test_ds), cfg.eval.batch_size, device, size, amp)
     return knn_accuracy(ftr, train_ds.labels.to(device), fte, test_ds.labels.to(device),
                         cfg.eval.knn_k, cfg.eval.knn_temperature, train_ds.num_classes)
 
@@ -89,7 +121,7 @@ def monitor_eval(model, cfg, train_ds, test_ds, device, amp, bank_valid: bool) -
     res = {**knn_eval(model.encoder, cfg, train_ds, test_ds, device, amp), "protocol": knn_protocol(cfg)}
     bank = model.monitor_bank()
     if bank is not None and bank_valid:
-        fte = extract_features(nn.Sequential(model.backbone, model.head), test_ds.images, cfg.eval.batch_size,
+        fte = extract_features(nn.Sequential(model.backbone, model.head), pixels(test_ds), cfg.eval.batch_size,
                                device, cfg.data.image_size, amp)
         r = knn_accuracy(F.normalize(bank.float(), dim=1), train_ds.labels.to(device), fte,
                          test_ds.labels.to(device), cfg.eval.knn_k, cfg.eval.knn_temperature, train_ds.num_classes)
@@ -165,12 +197,14 @@ def _train(cfg, resume, rank, local_rank, world):
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     torch.manual_seed(cfg.seed)
 
-    # data: one uint8 tensor, resident on the accelerator when there is one
+    # data: one uint8 tensor, resident on the accelerator when there is one; or (data.stream) files
+    # decoded step by step in DataLoader workers
     d = cfg.data
-    ds = load_split(cfg, d.train_split)
-    if d.on_device and device.type == "cuda":
+    stream = streams(cfg)
+    ds = load_split(cfg, d.train_split, stream)
+    if not stream and d.on_device and device.type == "cuda":
         ds = ds.to(device)
-    eval_data = load_eval_data(cfg, ds) if cfg.eval.every > 0 else None
+    eval_data = load_eval_data(cfg, ds, stream) if cfg.eval.every > 0 else None
     if eval_data is not None and (eval_data[0].labels < 0).any():
         print(f"[selfsup] split '{cfg.eval.train_split}' has no labels: kNN monitor off")
         eval_data = None
@@ -182,11 +216,24 @@ def _train(cfg, resume, rank, local_rank, world):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world}")
     if len(ds) < cfg.train.batch_size:
         raise ConfigError(f"dataset has {len(ds)} images, fewer than train.batch_size={cfg.train.batch_size}")
+    if d.cache_mode != "none" and not stream:
+        raise ConfigError(f"data.cache_mode={d.cache_mode} is for streamed data (data.stream=true); "
+                          f"{d.name} is already held in memory")
+    part = stream and d.cache_mode == "part"
+
+    def make_schedule():
+        return build_index_schedule(d.sampler, len(ds), cfg.train.batch_size, cfg.seed, window=d.window,
+                                    stride=d.stride, partition_world=world if part else None)
+
     try:
-        sampler = build_index_schedule(d.sampler, len(ds), cfg.train.batch_size, cfg.seed,
-                                       window=d.window, stride=d.stride)
+        sampler = make_schedule()
     except ValueError as e:
         raise ConfigError(f"data.sampler={d.sampler}: {e}") from None
+    if stream and d.cache_mode != "none":   # part: each rank keeps only the items its partition reads
+        t0 = time.perf_counter()
+        nbytes = ds.cache(torch.arange(rank, len(ds), world) if part else torch.arange(len(ds)))
+        print(f"[selfsup] rank {rank}: cached {nbytes / 2**20:.1f} MiB of {ds.name} ({d.cache_mode}) "
+              f"in {time.perf_counter() - t0:.1f} s")
     steps_per_epoch = sampler.epoch_length
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
@@ -210,12 +257,14 @@ def _train(cfg, resume, rank, local_rank, world):
                           cfg.train.momentum)
     sched_steps = cfg.train.epochs * steps_per_epoch
     sched = build_scheduler(opt, sched_steps, int(cfg.train.warmup_epochs * steps_per_epoch), cfg.train.schedule)
-    step, elapsed_before, n_nonfinite = 0, 0.0, 0
+    step, elapsed_before, n_nonfinite, n_skipped = 0, 0.0, 0, 0
     logger = MetricLogger(run_dir, enabled=main)
+    batches = None   # streamed data: the loader's iterator, (re)started at the current step
 
     def restore(ck) -> None:
         """Model, optimiser, schedule, sampler and RNG state of checkpoint `ck` (resume, rollback)."""
-        nonlocal step, n_nonfinite
+        nonlocal step, n_nonfinite, batches
+        batches = None
         load_state_checked(model, ck["model"], "model")
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -240,7 +289,7 @@ def _train(cfg, resume, rank, local_rank, world):
             print(f"[selfsup] resumed {run_dir} at step {step} (epoch {step // steps_per_epoch}, "
                   f"batch {step % steps_per_epoch})")
     else:
-        model.init_from_data(ds.images, cfg, device, amp)   # a fresh start: data-dependent state
+        model.init_from_data(pixels(ds), cfg, device, amp)   # a fresh start: data-dependent state
 
     net = model
     if world > 1:
@@ -341,9 +390,27 @@ def _train(cfg, resume, rank, local_rank, world):
     net.train()
     while step < total_steps:
         bn_saved = [b.clone() for b in bn_stats]
-        index = sampler.next_batch(rank, world).to(ds.images.device)
-        images = ds.images[index].to(device, non_blocking=True)
-        views = model.make_views(images, aug, aug_gen)
+        if stream:
+            if batches is None:
+                schedule = make_schedule()
+                schedule.load_state_dict(sampler.state_dict())
+                batches = iter(StreamLoader(
+                    ds, [(a.size, a.crop_scale, a.crop_ratio) for a in model.view_augs(aug)], schedule,
+                    rank=rank, world=world, start=step, total=total_steps, seed=cfg.seed, workers=d.num_workers,
+                    device=device, decode=d.decode, on_error=d.on_error, prefetch=d.prefetch))
+            index = sampler.next_batch(rank, world)
+            got, crops, bad = next(batches)
+            if not torch.equal(got, index):
+                raise RuntimeError(f"the data loader is out of step with the index schedule at step {step}")
+            if bad:
+                n_skipped += len(bad)
+                logger.log({"event": "skipped_images", "step": step, "count": len(bad), "total": n_skipped,
+                            "examples": bad[:3]})
+            views = model.make_views(crops, aug, aug_gen, precropped=True)
+        else:
+            index = sampler.next_batch(rank, world).to(ds.images.device)
+            images = ds.images[index].to(device, non_blocking=True)
+            views = model.make_views(images, aug, aug_gen)
         if channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -383,6 +450,8 @@ def _train(cfg, resume, rank, local_rank, world):
                     "loss": D.all_reduce_mean(loss.detach()).item(),
                     "lr": opt.param_groups[0]["lr"], "views_per_s": views_s, "wall_time": wall()}
             last.update({k: float(v) for k, v in out.items() if k != "loss"})
+            if n_skipped:
+                last["skipped_images"] = n_skipped
             logger.log(last)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:

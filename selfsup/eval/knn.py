@@ -54,6 +54,9 @@ def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 1024,
                      train_bn: bool = False) -> Tensor:
     """Encoder features (N, D) float32 of uint8 `images` (N, C, H, W) with the clean test transform.
 
+    `images` may also be a file-backed set (:class:`selfsup.data.files.FileImageSet`): its images
+    are then decoded batch by batch (shorter side to `image_size`, centre crop).
+
     Under torch.distributed every rank encodes a strided shard and the shards are all-gathered, so
     every rank returns the features of all N images in their original order.
     `train_bn=True` runs the encoder in training mode (BN normalises with each batch's statistics,
@@ -64,12 +67,18 @@ def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 1024,
     was_training = encoder.training
     encoder.train(train_bn)
     r, w = rank(), world_size()
-    n = images.shape[0]
+    n = len(images)
     per_rank = -(-n // w)
     idx = torch.arange(r, per_rank * w, w) % n                        # pad by wrapping; dropped below
+    if isinstance(images, Tensor):
+        batches = (images[chunk.to(images.device)] for chunk in idx.split(batch_size))
+    else:   # a file-backed set (FileImageSet): decoded in DataLoader workers
+        from ..data.loader import clean_batches
+
+        batches = clean_batches(images, idx, batch_size, image_size, getattr(images, "workers", 0))
     feats = []
-    for chunk in idx.split(batch_size):
-        x = eval_transform(images[chunk.to(images.device)].to(device, non_blocking=True), image_size)
+    for batch in batches:
+        x = eval_transform(batch.to(device, non_blocking=True), image_size)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             f = encoder(x)
         feats.append(f.float())

@@ -39,10 +39,19 @@ class Method(nn.Module):
         """Called by the trainer once, before the optimiser is built, with the training set's size
         N (methods with per-instance state size it here). No-op by default."""
 
-    def make_views(self, images: Tensor, aug, generator) -> list[Tensor]:
-        """The step's views of uint8 `images` (B, C, H, W): `n_views` draws of the trainer's
-        augmentation `aug` by default; multi-crop methods override this."""
-        return [aug(images, generator) for _ in range(self.n_views)]
+    def view_augs(self, aug) -> list:
+        """The augmentation of each of the `n_views` views: the trainer's `aug` for every view by
+        default; multi-crop methods override this."""
+        return [aug] * self.n_views
+
+    def make_views(self, images, aug, generator, precropped: bool = False) -> list[Tensor]:
+        """The step's views of uint8 `images` (B, C, H, W), one draw of each of `view_augs(aug)`.
+        `precropped`: `images` is a list holding each view's random-resized crops, cut while decoding
+        (streamed data); only the rest of each augmentation is applied."""
+        augs = self.view_augs(aug)
+        if precropped:
+            return [a(x, generator, crop=False) for a, x in zip(augs, images)]
+        return [a(images, generator) for a in augs]
 
     def own_parameters(self) -> list:
         """Parameters the method updates itself in `optimizer_step` (PIC's classifier rows); the

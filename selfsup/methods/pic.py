@@ -104,9 +104,8 @@ class PIC(Method):
     def own_parameters(self) -> list:
         return [self.clf.weight]
 
-    def make_views(self, images, aug, generator):
-        views = [(self.large_aug or aug)(images, generator)]
-        return views + [self.small_aug(images, generator) for _ in range(self.cfg.pic.small_crops)]
+    def view_augs(self, aug):
+        return [self.large_aug or aug] + [self.small_aug] * self.cfg.pic.small_crops
 
     def embed(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))

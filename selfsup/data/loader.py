@@ -1,0 +1,221 @@
+"""Streaming batches from file-backed image sets: decode in DataLoader workers (pinned memory,
+prefetch) or on the device with torchvision.io, with the random-resized crop chosen before the
+full-size image is materialised.
+
+Each training step the trainer's index schedule names the batch; a copy of the schedule drives the
+loader's batch sampler, so the workers run ahead while the trainer keeps the exact position for its
+checkpoints. Every item's crop boxes come from a seed derived from (seed, step, position in the
+global batch), so the crops of a run do not depend on the number of workers or processes and a
+resumed run draws the same crops.
+
+A view *spec* is (size, crop_scale, crop_ratio) of one view (one per view of the method). A worker
+returns, per item, one uint8 (3, size, size) crop per spec (decode="cpu": PIL, with JPEG DCT
+scaling via ``draft`` so a small crop of a large image is decoded at a reduced size); with
+decode="device" it returns the encoded bytes and the crop boxes, and the main process decodes the
+batch with ``torchvision.io.decode_jpeg(device=...)`` and crops on the device. The rest of the
+augmentation (flip, colour, blur...) runs batched on the device (``BatchAugment(..., crop=False)``).
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .datasets import DatasetFormatError
+from .files import FileImageSet, load_rgb
+from .samplers import _derive_seed
+
+__all__ = ["crop_box", "ViewReader", "StreamLoader", "clean_batches", "decode_on_device", "DECODE_MODES"]
+
+DECODE_MODES = ("cpu", "device")
+_CROP_STREAM = 7
+_MAX_SUBSTITUTES = 16
+
+
+def crop_box(rng: random.Random, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, h, w): 10 tries of area fraction in `scale` and log-uniform
+    aspect ratio in `ratio`, else the central crop clamped to `ratio`."""
+    area = height * width
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_r))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class ViewReader(torch.utils.data.Dataset):
+    """Map-style dataset of (index, seed) items for a DataLoader with a batch sampler.
+
+    Returns (requested index, views or (bytes, boxes), substituted item's location or "").
+    With on_error="skip" an unreadable item is replaced by the next readable one (index + 1, ...)
+    and its location returned, so the trainer can count and log it.
+    """
+
+    def __init__(self, dset: FileImageSet, specs, decode: str = "cpu", on_error: str = "raise"):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"data.decode must be one of {DECODE_MODES}, got {decode!r}")
+        self.dset, self.specs, self.decode, self.on_error = dset, [tuple(s) for s in specs], decode, on_error
+
+    def __len__(self) -> int:
+        return len(self.dset)
+
+    def _boxes(self, seed: int, h: int, w: int) -> list[tuple[int, int, int, int]]:
+        rng = random.Random(seed)
+        return [crop_box(rng, h, w, scale, ratio) for _, scale, ratio in self.specs]
+
+    def _read(self, i: int, seed: int):
+        im = self.dset.open(i)
+        w0, h0 = im.size
+        boxes = self._boxes(seed, h0, w0)
+        if self.decode == "device":
+            return torch.frombuffer(bytearray(self.dset.read_bytes(i)), dtype=torch.uint8), \
+                torch.tensor(boxes, dtype=torch.int64)
+        need = min(1.0, max(s / min(bh, bw) for (s, _, _), (_, _, bh, bw) in zip(self.specs, boxes)))
+        im.draft("RGB", (max(1, math.ceil(w0 * need)), max(1, math.ceil(h0 * need))))
+        im = load_rgb(im, self.dset.where(i))
+        fx, fy = im.size[0] / w0, im.size[1] / h0
+        from PIL import Image
+
+        views = []
+        for (s, _, _), (t, l, bh, bw) in zip(self.specs, boxes):
+            v = im.resize((s, s), Image.BILINEAR, box=(l * fx, t * fy, (l + bw) * fx, (t + bh) * fy))
+            views.append(torch.from_numpy(np.asarray(v, dtype=np.uint8).copy()).permute(2, 0, 1))
+        return views
+
+    def __getitem__(self, item):
+        i, seed = item
+        n = len(self.dset)
+        for j in range(_MAX_SUBSTITUTES):
+            try:
+                return i, self._read((i + j) % n, seed), ("" if j == 0 else self.dset.where(i))
+            except DatasetFormatError:
+                if self.on_error != "skip":
+                    raise
+        raise DatasetFormatError(f"{_MAX_SUBSTITUTES} unreadable images in a row from {self.dset.where(i)} "
+                                 f"on in {self.dset.source}: is the data set intact?")
+
+
+def _collate(items):
+    index = torch.tensor([it[0] for it in items], dtype=torch.int64)
+    bad = [it[2] for it in items if it[2]]
+    if isinstance(items[0][1], tuple):   # device decode: bytes and boxes stay lists
+        return index, [it[1][0] for it in items], torch.stack([it[1][1] for it in items]), bad
+    views = [torch.stack([it[1][v] for it in items]) for v in range(len(items[0][1]))]
+    return index, views, None, bad
+
+
+def decode_on_device(data: list[torch.Tensor], boxes: torch.Tensor, specs, device) -> list[torch.Tensor]:
+    """Decode encoded images (1-D uint8 tensors) on `device` (torchvision.io; JPEG batches on CUDA
+    use nvJPEG) and cut each item's crop boxes (B, V, 4: top, left, h, w) resized to each spec's
+    size (bilinear, antialiased). Returns V uint8 tensors (B, 3, size, size) on `device`."""
+    import warnings
+
+    with warnings.catch_warnings():   # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _decode_on_device(data, boxes, specs, device)
+
+
+def _decode_on_device(data, boxes, specs, device):
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    device = torch.device(device)
+    try:
+        imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if device.type == "cuda" else \
+            [decode_image(d, mode=ImageReadMode.RGB) for d in data]
+    except RuntimeError:   # a PNG or CMYK JPEG in the batch: decode one by one on the CPU
+        imgs = [decode_image(d, mode=ImageReadMode.RGB).to(device, non_blocking=True) for d in data]
+    out = []
+    for v, (s, _, _) in enumerate(specs):
+        crops = []
+        for img, b in zip(imgs, boxes[:, v].tolist()):
+            t, l, h, w = b
+            x = img[None, :, t:t + h, l:l + w].to(device).float()
+            crops.append(F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False))
+        out.append(torch.cat(crops).round_().clamp_(0, 255).to(torch.uint8))
+    return out
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """Batches of (index, seed) from a schedule, steps start..total-1, this rank's slice."""
+
+    def __init__(self, schedule, rank: int, world: int, start: int, total: int, seed: int):
+        self.schedule, self.rank, self.world, self.start, self.total, self.seed = \
+            schedule, rank, world, start, total, seed
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self):
+        b = self.schedule.batch_size // self.world
+        for step in range(self.start, self.total):
+            idx = self.schedule.next_batch(self.rank, self.world).tolist()
+            pos0 = self.rank * b
+            yield [(i, _derive_seed(self.seed, _CROP_STREAM, step * self.schedule.batch_size + pos0 + j))
+                   for j, i in enumerate(idx)]
+
+
+class StreamLoader:
+    """Iterate (index (b,), [uint8 views on device], [substituted locations]) for steps
+    start..total-1 of `schedule` (a copy: the caller's schedule is not advanced)."""
+
+    def __init__(self, dset: FileImageSet, specs, schedule, *, rank: int = 0, world: int = 1, start: int = 0,
+                 total: int, seed: int = 0, workers: int = 0, device="cpu", decode: str = "cpu",
+                 on_error: str = "raise", prefetch: int = 4):
+        self.specs, self.device, self.decode = specs, torch.device(device), decode
+        reader = ViewReader(dset, specs, decode, on_error)
+        cuda = self.device.type == "cuda"
+        self.loader = torch.utils.data.DataLoader(
+            reader, batch_sampler=_StepBatches(schedule, rank, world, start, total, seed), num_workers=workers,
+            collate_fn=_collate, pin_memory=cuda and decode == "cpu", prefetch_factor=prefetch if workers else None,
+            worker_init_fn=_worker_init if workers else None)
+
+    def __iter__(self) -> Iterator:
+        for index, views, boxes, bad in self.loader:
+            if boxes is not None:
+                views = decode_on_device(views, boxes, self.specs, self.device)
+            else:
+                views = [v.to(self.device, non_blocking=True) for v in views]
+            yield index, views, bad
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class _CleanReader(torch.utils.data.Dataset):
+    def __init__(self, dset: FileImageSet, size: int):
+        self.dset, self.size = dset, size
+
+    def __len__(self):
+        return len(self.dset)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.dset.load(int(i), self.size)).permute(2, 0, 1)
+
+
+def clean_batches(dset: FileImageSet, indices: torch.Tensor, batch_size: int, size: int | None,
+                  workers: int = 0) -> Iterator[torch.Tensor]:
+    """uint8 (b, 3, size, size) batches of items `indices` in order, shorter side resized to `size`
+    and centre-cropped (the in-memory loaders' transform), decoded in `workers` workers."""
+    if size is None:
+        raise ValueError(f"{dset.name}: streamed images need data.image_size (their sizes differ)")
+    batches = [c.tolist() for c in indices.split(batch_size)]
+    loader = torch.utils.data.DataLoader(_CleanReader(dset, size), batch_sampler=batches, num_workers=workers,
+                                         worker_init_fn=_worker_init if workers else None,
+                                         prefetch_factor=4 if workers else None)
+    yield from loader
