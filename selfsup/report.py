@@ -159,9 +159,24 @@ def _summary(run_dir: Path, cfg_text: str, events: list[dict]) -> list[tuple[str
                  ("kNN protocol", str(knn.get("protocol", "-")))]
         if "knn_bank_top1" in knn:
             rows.append(("final kNN top-1 (memory bank)", _fmt(knn["knn_bank_top1"])))
+        for t in KNN_MILESTONES:
+            first = time_to_knn(events, t)
+            rows.append((f"first kNN top-1 >= {t:.2f}", "not reached" if first is None else
+                         f"{first['wall_time']:.0f} s wall time (epoch {first.get('epoch', '-')}, "
+                         f"step {first.get('step', '-')})"))
     else:
         rows.append(("final kNN", NONE_YET))
     return rows
+
+
+KNN_MILESTONES = (0.85, 0.90)
+
+
+def time_to_knn(events: list[dict], threshold: float) -> dict | None:
+    """The first kNN event of a run whose top-1 reaches `threshold` (it has wall_time, epoch, step),
+    or None. Wall time is training time, the kNN evaluations included."""
+    return next((e for e in events if e.get("event") == "knn" and e.get("knn_top1", -1) >= threshold
+                 and "wall_time" in e), None)
 
 
 def _fmt(v) -> str:

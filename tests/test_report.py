@@ -117,3 +117,16 @@ def test_report_bad_input_exits_2(tmp_path, capsys):
     assert "config.yaml is missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["report"])                                   # --run is required
+
+
+def test_time_to_knn_is_the_first_event_reaching_the_threshold():
+    from selfsup.report import time_to_knn
+
+    events = [{"event": "train", "step": 1, "wall_time": 1.0},
+              {"event": "knn", "step": 10, "epoch": 1, "knn_top1": 0.84, "wall_time": 30.0},
+              {"event": "knn", "step": 20, "epoch": 2, "knn_top1": 0.91, "wall_time": 61.0},
+              {"event": "knn", "step": 30, "epoch": 3, "knn_top1": 0.89, "wall_time": 90.0},
+              {"event": "knn", "step": 40, "epoch": 4, "knn_top1": 0.93, "wall_time": 120.0}]
+    assert time_to_knn(events, 0.90)["wall_time"] == 61.0
+    assert time_to_knn(events, 0.84)["step"] == 10
+    assert time_to_knn(events, 0.95) is None

@@ -408,13 +408,15 @@ def _train(cfg, resume, rank, local_rank, world):
                             "examples": bad[:3]})
             views = model.make_views(crops, aug, aug_gen, precropped=True)
         else:
-            index = sampler.next_batch(rank, world).to(ds.images.device)
-            images = ds.images[index].to(device, non_blocking=True)
+            index = sampler.next_batch(rank, world)
+            if device.type == "cuda":   # an asynchronous copy: no host sync inside the step
+                index = index.pin_memory().to(device, non_blocking=True)
+            images = ds.images[index.to(ds.images.device)].to(device, non_blocking=True)
             views = model.make_views(images, aug, aug_gen)
         if channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = net(views, index.to(device))
+            out = net(views, index.to(device, non_blocking=True))
         loss = out["loss"]
         if not guarded and (device.type == "cpu" or (step + 1) % cfg.train.log_every == 0):
             check_finite(loss)   # on GPU only when logging: no host sync inside the step

@@ -112,13 +112,13 @@ class MoCo(Method):
         k_size, n = self.queue.shape[0], keys.shape[0]
         if src is None:
             src = torch.zeros(n, dtype=torch.long, device=keys.device)
-        ptr = int(self.queue_ptr)
+        ptr = self.queue_ptr   # pointer arithmetic stays on the device: no host sync per step
         if n > k_size:
             ptr, keys, src = (ptr + n - k_size) % k_size, keys[n - k_size:], src[n - k_size:]
-        rows = (ptr + torch.arange(keys.shape[0], device=keys.device)) % k_size
+        rows = (ptr + torch.arange(keys.shape[0], device=ptr.device)) % k_size
         self.queue[rows] = keys.to(self.queue.dtype)
         self.queue_src[rows] = src.to(self.queue_src.device)
-        self.queue_ptr.fill_((ptr + keys.shape[0]) % k_size)
+        self.queue_ptr.copy_((ptr + keys.shape[0]) % k_size)
 
     @torch.no_grad()
     def momentum_update(self) -> None:
