@@ -109,7 +109,7 @@ def _split_features(encoder, cfg, images, device, normalize: bool = True):
 
 def _cmd_eval_knn(args) -> dict:
     from .data.datasets import require_labels
-    from .engine.trainer import knn_protocol, load_eval_data, resolve_device
+    from .engine.trainer import knn_protocol, load_eval_data, pixels, resolve_device, streams
     from .eval.knn import knn_sweep
 
     ks = _number_list(args.k, int, "--k") if args.k else None
@@ -118,11 +118,11 @@ def _cmd_eval_knn(args) -> dict:
     ks, ts = ks or [cfg.eval.knn_k], ts or [cfg.eval.knn_temperature]
     device = resolve_device(cfg.device)
     encoder = encoder.to(device)
-    train_ds, test_ds = load_eval_data(cfg)
+    train_ds, test_ds = load_eval_data(cfg, stream=streams(cfg))
     require_labels(train_ds, cfg.eval.train_split, "kNN")
     require_labels(test_ds, cfg.eval.test_split, "kNN")
-    ftr = _split_features(encoder, cfg, train_ds.images, device)
-    fte = _split_features(encoder, cfg, test_ds.images, device)
+    ftr = _split_features(encoder, cfg, pixels(train_ds), device)
+    fte = _split_features(encoder, cfg, pixels(test_ds), device)
     k0, t0 = cfg.eval.knn_k, cfg.eval.knn_temperature   # the main result; the sweep rides on the same search
     table = knn_sweep(ftr, train_ds.labels.to(device), fte, test_ds.labels.to(device), list(dict.fromkeys([k0, *ks])),
                       list(dict.fromkeys([t0, *ts])), train_ds.num_classes)
@@ -134,11 +134,13 @@ def _cmd_eval_knn(args) -> dict:
     return _save_eval(cfg, "knn", res)
 
 
-def _eval_inputs(args, finetune: bool = False):
+def _eval_inputs(args, finetune: bool = False, features_only=False):
     """(cfg, encoder, head, train_ds, test_ds, device, amp) for `eval linear|logreg|finetune`; head is
     the projection head when finetune and eval.finetune_from_head_layer > 0 (from the full
-    checkpoint), else None. The datasets go to the GPU when data.on_device."""
-    from .engine.trainer import autocast_dtype, load_eval_data, resolve_device
+    checkpoint), else None. The datasets go to the GPU when data.on_device. A protocol that only
+    needs clean features (`features_only`: a bool, or a function of the config) streams a run's
+    streamed data (data.stream) from its files; the others decode the splits into memory."""
+    from .engine.trainer import autocast_dtype, load_eval_data, resolve_device, streams
 
     cfg, encoder = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides)
     head = None
@@ -146,9 +148,12 @@ def _eval_inputs(args, finetune: bool = False):
         cfg, net = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides, head=True)
         encoder, head = net[0], net[1]
     device = resolve_device(cfg.device)
-    train_ds, test_ds = load_eval_data(cfg)
-    if cfg.data.on_device and device.type == "cuda":
-        train_ds, test_ds = train_ds.to(device), test_ds.to(device)
+    if (features_only(cfg) if callable(features_only) else features_only) and streams(cfg):
+        train_ds, test_ds = load_eval_data(cfg, stream=True)
+    else:
+        train_ds, test_ds = load_eval_data(cfg)
+        if cfg.data.on_device and device.type == "cuda":
+            train_ds, test_ds = train_ds.to(device), test_ds.to(device)
     return cfg, encoder.to(device), head, train_ds, test_ds, device, autocast_dtype(cfg, device)
 
 
@@ -164,14 +169,15 @@ def _save_eval(cfg, name: str, res: dict) -> dict:
 def _cmd_eval_linear(args) -> dict:
     from .eval.linear import linear_eval
 
-    cfg, encoder, _, train_ds, test_ds, device, amp = _eval_inputs(args)
+    cfg, encoder, _, train_ds, test_ds, device, amp = _eval_inputs(
+        args, features_only=lambda cfg: cfg.eval.linear_mode == "features")
     return _save_eval(cfg, "linear", linear_eval(encoder, cfg, train_ds, test_ds, device, amp))
 
 
 def _cmd_eval_logreg(args) -> dict:
     from .eval.logreg import logreg_eval
 
-    cfg, encoder, _, train_ds, test_ds, device, amp = _eval_inputs(args)
+    cfg, encoder, _, train_ds, test_ds, device, amp = _eval_inputs(args, features_only=True)
     return _save_eval(cfg, "logreg", logreg_eval(encoder, cfg, train_ds, test_ds, device, amp))
 
 

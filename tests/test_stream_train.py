@@ -56,6 +56,13 @@ def test_streamed_run_resumes_exactly_with_workers(fake, tmp_path):
                     resume=str(tmp_path / "b"))
     assert resumed["loss"] == full["loss"]
     assert_same_model(tmp_path / "a", tmp_path / "b")
+    # the feature-only protocols stream the run's data too
+    from selfsup.cli import main
+
+    for protocol in ("knn", "logreg"):
+        assert main(["eval", protocol, "--run", str(tmp_path / "a"), "eval.logreg_l2_count=2"]) == 0
+        res = json.loads((tmp_path / "a" / "eval" / f"{protocol}.json").read_text())
+        assert 0 <= res[f"{protocol}_top1"] <= 1
 
 
 def test_bad_images_are_skipped_and_counted_in_the_log(fake, tmp_path):

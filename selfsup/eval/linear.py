@@ -185,8 +185,10 @@ def linear_eval(encoder: nn.Module, cfg, train_ds, test_ds, device, amp) -> dict
     require_labels(test_ds, e.test_split, "linear evaluation")
     size = cfg.data.image_size
     if e.linear_mode == "features":
-        ftr = extract_features(encoder, train_ds.images, e.batch_size, device, size, amp, normalize=False)
-        fte = extract_features(encoder, test_ds.images, e.batch_size, device, size, amp, normalize=False)
+        ftr = extract_features(encoder, getattr(train_ds, "images", train_ds), e.batch_size, device, size, amp,
+                               normalize=False)
+        fte = extract_features(encoder, getattr(test_ds, "images", test_ds), e.batch_size, device, size, amp,
+                               normalize=False)
         res = linear_probe_features(ftr, train_ds.labels.to(device), fte, test_ds.labels.to(device),
                                     train_ds.num_classes, **s)
         what = (f"{res['feature_dim']}-d clean (test-transform) backbone features computed once, standardised "

@@ -141,8 +141,10 @@ def logreg_eval(encoder, cfg, train_ds, test_ds, device, amp) -> dict:
         raise ConfigError("eval.logreg_max_iter must be >= 1 and eval.logreg_l2_range a pair [lo, hi]")
     grid = l2_grid(*e.logreg_l2_range, e.logreg_l2_count)
     size = cfg.data.image_size
-    ftr = extract_features(encoder, train_ds.images, e.batch_size, device, size, amp, normalize=False)
-    fte = extract_features(encoder, test_ds.images, e.batch_size, device, size, amp, normalize=False)
+    ftr = extract_features(encoder, getattr(train_ds, "images", train_ds), e.batch_size, device, size, amp,
+                           normalize=False)
+    fte = extract_features(encoder, getattr(test_ds, "images", test_ds), e.batch_size, device, size, amp,
+                           normalize=False)
     res = logreg_probe(ftr, train_ds.labels, fte, test_ds.labels, train_ds.num_classes, grid,
                        val_fraction=e.logreg_val_fraction, seed=e.seed, max_iter=e.logreg_max_iter)
     res["protocol"] = (
