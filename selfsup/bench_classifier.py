@@ -20,6 +20,21 @@ per rank) and the peak extra memory during a step (CUDA:
 Configurations whose estimated memory exceeds ``max_bytes`` are skipped with a
 note.  Not part of the test suite.
 
+Roofline (on by default, ``--no-roofline`` to skip): the device's memory
+bandwidth (best of several ``dst.copy_(src)`` of a float32 tensor, 256 MiB on
+CUDA, 64 MiB on CPU; ``2 * bytes / time``) and matmul rate (bf16 8192^3 on
+CUDA, float32 2048^3 on CPU, where bf16 matmul is not representative) are
+measured once, and each row gets ``bound_ms`` = the time to read and write the
+softmax rows and their momentum once (``4 * rows * D * elem_size`` bytes, rows
+= ``N`` (full) or the candidates (sampled)) at that bandwidth plus the logit
+matmuls (``6 * G * rows * D`` flops: forward, and the two backward products) at
+that rate, and ``ratio = step_ms / bound_ms``.  Sharded rows: the whole work on
+the one measured CPU (the ranks share it), or one rank's share on CUDA (a GPU
+per rank).  The issue's target is ``ratio <= 2`` for ``N = 1e6, D = 128,
+batch 1024``, full softmax, on a GPU; a note says whether this run meets it.
+On CUDA the head runs under bf16 autocast (``precision="auto"``, as the
+trainer), so the logit matmuls take bf16 inputs.
+
 Usage::
 
     from selfsup.bench_classifier import run
@@ -44,11 +59,12 @@ import torch
 from selfsup.models.classifier import InstanceClassifier, RecentInstances, SparseRowSGD
 from selfsup.parallel.sharded_classifier import DEFAULT_CHUNK
 
-__all__ = ["bench_classifier", "run", "format_table", "main", "DEFAULTS", "QUICK"]
+__all__ = ["bench_classifier", "measure_roofline", "roofline_bound_ms", "run", "format_table", "main", "DEFAULTS",
+           "QUICK"]
 
 DEFAULTS = dict(ns=(10**4, 10**5, 10**6), dim=128, batch=1024, modes=("full", "sampled"), device="cpu",
                 sharded_world=2, num_recent=65536, chunk_size=DEFAULT_CHUNK, warmup=1, repeats=None,
-                threads=None, max_bytes=None, temperature=0.2, out=None)
+                threads=None, max_bytes=None, temperature=0.2, precision="auto", roofline=True, out=None)
 QUICK = dict(ns=(10**3, 10**4), dim=32, batch=64, num_recent=1024, chunk_size=2048, warmup=1, repeats=2)
 
 
@@ -106,7 +122,7 @@ def _estimate_bytes(n: int, dim: int, batch: int, mode: str, world: int, num_rec
     return state + active * dim * 4 * 2 + 2 * batch * min(chunk, active) * 4 + batch * dim * 16
 
 
-# ---------------------------------------------------------------- one configuration (one rank)
+# ---------------------------------------------------------------- roofline
 
 
 def _sync(device: torch.device) -> None:
@@ -114,7 +130,75 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(n, dim, batch_local, mode, device, num_recent, chunk, warmup, repeats, temperature, seed=0):
+def _best_time(fn, device: torch.device, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls of ``fn`` (after one untimed call), synchronised."""
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_roofline(device: str = "cpu") -> dict:
+    """Memory bandwidth and matmul rate of ``device`` (CPU: with the current torch thread count).
+
+    Returns ``{"device", "bandwidth_gbs", "copy_mib", "matmul_tflops", "matmul_dtype", "matmul_n"}``:
+    bandwidth = ``2 * bytes / time`` of ``dst.copy_(src)`` (float32, 256 MiB on CUDA, 64 MiB on CPU),
+    rate = ``2 n^3 / time`` of an ``n x n`` matmul (CUDA: bf16, float32 accumulation, n = 8192;
+    CPU: float32, n = 2048); best of several repeats each.
+    """
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    mib, n, dtype, reps = (256, 8192, torch.bfloat16, 10) if cuda else (64, 2048, torch.float32, 5)
+    src = torch.rand(mib << 18, device=dev)  # mib MiB of float32
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), dev, reps)
+    del src, dst
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    rate = 2 * n**3 / _best_time(lambda: a @ b, dev, reps)
+    del a, b
+    if cuda:
+        torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    return dict(device=name, bandwidth_gbs=bw / 1e9, copy_mib=mib, matmul_tflops=rate / 1e12,
+                matmul_dtype=str(dtype).replace("torch.", ""), matmul_n=n)
+
+
+def roofline_bound_ms(row: dict, roof: dict, elem_size: int = 4, ranks: int = 1) -> float:
+    """Roofline time of one step of ``row``: rows + momentum read and written once, plus the logit matmuls.
+
+    ``(2 * 2 * rows * D * elem_size) / bandwidth + (6 * G * rows * D) / rate``, ``rows = row["candidates"]``
+    (``N`` for the full softmax), ``G = row["batch"]``, divided by ``ranks`` (devices sharing the work).
+    """
+    rows, d, g = row["candidates"], row["dim"], row["batch"]
+    t_mem = 2 * 2 * rows * d * elem_size / (roof["bandwidth_gbs"] * 1e9)
+    t_mm = 6 * g * rows * d / (roof["matmul_tflops"] * 1e12)
+    return 1e3 * (t_mem + t_mm) / ranks
+
+
+def _target_note(rows: list[dict], device: torch.device) -> str:
+    """Whether the issue's target (ratio <= 2, N = 1e6, D = 128, batch 1024, full softmax) is met here."""
+    head = "target: step <= 2x roofline bound for N=1e6, D=128, batch 1024, full softmax, one GPU"
+    key = (10**6, 128, 1024, "full", 1)
+    r = next((r for r in rows if (r["n"], r["dim"], r["batch"], r["mode"], r["world"]) == key and "ratio" in r), None)
+    if r is None:
+        return (f"{head}: not measured in this run (on a GPU: python -m selfsup.bench_classifier --device cuda "
+                "--ns 1000000 --modes full)")
+    verdict = "MET" if r["ratio"] <= 2 else "NOT met"
+    where = "" if device.type == "cuda" else " (measured on CPU: the target is a GPU target, indicative only)"
+    return f"{head}: ratio {r['ratio']:.2f} -> {verdict}{where}"
+
+
+# ---------------------------------------------------------------- one configuration (one rank)
+
+
+def _measure(n, dim, batch_local, mode, device, num_recent, chunk, warmup, repeats, temperature, amp=False,
+             seed=0):
     """Time ``warmup + repeats`` head steps on this rank (distributed if a group is up). Returns a dict."""
     from selfsup.parallel.distributed import all_gather_no_grad
 
@@ -142,13 +226,15 @@ def _measure(n, dim, batch_local, mode, device, num_recent, chunk, warmup, repea
         y = ys[i % 2]
         if fifo is None:
             opt.zero_grad(set_to_none=True)
-            loss = clf(z, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = clf(z, y)
             loss.backward()
             opt.step()
         else:
             gy = all_gather_no_grad(y)
             sel = clf.select(fifo.candidates(gy))
-            loss = clf(z, y, rows=sel)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = clf(z, y, rows=sel)
             loss.backward()
             opt.step(sel)
             fifo.push(gy)
@@ -264,7 +350,10 @@ def bench_classifier(
     threads: int | None = None,
     max_bytes: int | None = None,
     temperature: float = 0.2,
+    precision: str = "auto",
+    roofline: bool = True,
     notes: list | None = None,
+    device_info: dict | None = None,
 ) -> list[dict]:
     """Measure the head for every ``(N, mode, world in (1, sharded_world))``.
 
@@ -283,15 +372,27 @@ def bench_classifier(
             split evenly between the sharded ranks.
         max_bytes: per-rank memory budget for the skip rule (default: half of
             the available host / GPU memory).
-        notes: list that receives a line per skipped configuration.
+        precision: ``"auto"`` (bf16 autocast on CUDA, none on CPU, as the
+            trainer), ``"bf16"`` or ``"fp32"``: autocast around the head's forward.
+        roofline: measure the device (:func:`measure_roofline`) and add
+            ``bound_ms`` and ``ratio`` to each row, and a note on the target.
+        notes: list that receives a line per skipped configuration (and the
+            target note).
+        device_info: dict that receives the roofline figures and the precision.
 
     Returns:
         One dict per measured configuration: ``n, mode, world, dim, batch,
         candidates`` (rows in the softmax), ``step_ms``, ``min_step_ms``,
-        ``state_mb`` (per rank), ``peak_extra_mb`` (per rank), ``loss``.
+        ``state_mb`` (per rank), ``peak_extra_mb`` (per rank), ``loss``, and
+        with ``roofline`` ``bound_ms`` and ``ratio = step_ms / bound_ms``.
     """
     notes = notes if notes is not None else []
+    device_info = device_info if device_info is not None else {}
     dev = torch.device(device)
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; valid: auto, bf16, fp32")
+    amp = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    device_info["precision"] = "bf16 autocast" if amp else "fp32"
     repeats = repeats or (5 if dev.type == "cuda" else 1)
     threads = threads or torch.get_num_threads()
     budget = max_bytes or _available_bytes(dev) // 2
@@ -315,7 +416,7 @@ def bench_classifier(
                                  f"{budget / 2**30:.1f} GiB")
                     continue
                 kw = dict(n=n, dim=dim, batch_local=batch // world, mode=mode, num_recent=num_recent,
-                          chunk=chunk_size, warmup=warmup, repeats=repeats, temperature=temperature)
+                          chunk=chunk_size, warmup=warmup, repeats=repeats, temperature=temperature, amp=amp)
                 stub = dict(n=n, mode=mode, world=world, dim=dim, batch=batch,
                             candidates=n if mode == "full" else min(n, num_recent + batch))
                 jobs.append((stub, kw, world))
@@ -323,6 +424,8 @@ def bench_classifier(
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        if roofline:
+            device_info.update(measure_roofline(device))
         for i, (_, kw, world) in enumerate(jobs):
             if world == 1:
                 results[i] = _measure(device=device, **kw)
@@ -340,17 +443,24 @@ def bench_classifier(
         rows.append(dict(stub, threads_per_rank=tpr if dev.type == "cpu" else None, step_ms=1e3 * r["step_s"], min_step_ms=1e3 * r["min_step_s"],
                          state_mb=r["state_bytes"] / 2**20, peak_extra_mb=r["peak_extra_bytes"] / 2**20,
                          loss=r["loss"]))
+        if roofline:
+            ranks = rows[-1]["world"] if dev.type == "cuda" else 1  # CUDA: a GPU per rank; CPU: shared
+            rows[-1]["bound_ms"] = roofline_bound_ms(rows[-1], device_info, ranks=ranks)
+            rows[-1]["ratio"] = rows[-1]["step_ms"] / rows[-1]["bound_ms"]
+    if roofline:
+        notes.append(_target_note(rows, dev))
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """Fixed-width text table of :func:`bench_classifier` rows."""
-    head = (f"{'N':>10} {'mode':>8} {'world':>5} {'thr':>4} {'cands':>9} {'step ms':>10} {'state MB':>10} "
-            f"{'peak+ MB':>10}")
+    head = (f"{'N':>10} {'mode':>8} {'world':>5} {'thr':>4} {'cands':>9} {'step ms':>10} {'bound ms':>9} "
+            f"{'ratio':>7} {'state MB':>10} {'peak+ MB':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        bound = f"{r['bound_ms']:>9.3f} {r['ratio']:>7.1f}" if "ratio" in r else f"{'-':>9} {'-':>7}"
         lines.append(f"{r['n']:>10} {r['mode']:>8} {r['world']:>5} {str(r['threads_per_rank'] or '-'):>4} "
-                     f"{r['candidates']:>9} {r['step_ms']:>10.1f} "
+                     f"{r['candidates']:>9} {r['step_ms']:>10.1f} {bound} "
                      f"{r['state_mb']:>10.1f} {r['peak_extra_mb']:>10.1f}")
     return "\n".join(lines)
 
@@ -360,7 +470,8 @@ def run(args: dict | None = None) -> dict:
 
     ``quick=True`` starts from :data:`QUICK` (CI-sized: N 1e3/1e4, D 32,
     batch 64); explicit keys override.  ``out``: JSON path to write.  Returns
-    ``{"config": ..., "rows": [...], "notes": [...], "table": str}``.
+    ``{"config": ..., "device": {roofline figures, precision}, "rows": [...],
+    "notes": [...], "table": str}``.
     """
     args = dict(args or {})
     quick = bool(args.pop("quick", False))
@@ -373,10 +484,12 @@ def run(args: dict | None = None) -> dict:
     cfg.update({k: v for k, v in args.items() if v is not None})
     out = cfg.pop("out")
     notes: list[str] = []
-    rows = bench_classifier(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()}, notes=notes)
+    device_info: dict = {}
+    rows = bench_classifier(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()}, notes=notes,
+                            device_info=device_info)
     res = {"config": {**cfg, "quick": quick, "ns": list(cfg["ns"]), "modes": list(cfg["modes"]),
                       "torch": torch.__version__, "threads": cfg["threads"] or torch.get_num_threads()},
-           "rows": rows, "notes": notes, "table": format_table(rows)}
+           "device": device_info, "rows": rows, "notes": notes, "table": format_table(rows)}
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
@@ -400,8 +513,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--no-roofline", dest="roofline", action="store_false", default=None,
+                   help="skip the bandwidth / matmul-rate measurement and the bound_ms, ratio columns")
     p.add_argument("--out")
     res = run(vars(p.parse_args(argv)))
+    d = res["device"]
+    if "bandwidth_gbs" in d:
+        print(f"device {d['device']}: copy bandwidth {d['bandwidth_gbs']:.1f} GB/s, {d['matmul_dtype']} matmul "
+              f"{d['matmul_tflops']:.2f} TFLOP/s; head precision {d['precision']}")
     print(res["table"])
     for n in res["notes"]:
         print("note:", n)

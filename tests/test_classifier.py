@@ -97,6 +97,37 @@ def test_float32_and_bfloat16_inputs():
     assert out.dtype == torch.float32 and abs(out.item() - ref.item()) < 0.05
 
 
+def test_bf16_matmul_path_matches_float32_and_follows_autocast():
+    z, w, y, s = _problem(32, 300, 16, 3, seed=9)
+    z, w = z.float(), w.float()
+
+    def run(**kw):
+        return _grads(lambda z, w: cosine_softmax(z, w, y, 0.2, smooth_index=s, alpha=0.2, chunk_size=64, **kw), z, w)
+
+    ref = run()
+    got = run(matmul_dtype=torch.bfloat16)  # bf16 inputs of the three logit matmuls, float32 softmax / sums
+    assert got[0].dtype == torch.float32
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max() <= 0.02 * b.abs().max()  # bf16: ~3 significant digits
+    assert not torch.equal(got[2], ref[2])  # the bf16 path really ran
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast picks the same path (backward inside too)
+        auto = run()
+    for a, b in zip(auto, got):
+        assert torch.equal(a, b)
+    z64, w64, _, _ = _problem(32, 300, 16, 3, seed=9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 inputs: autocast leaves them alone
+        _close(cosine_softmax(z64, w64, y, 0.2), cosine_softmax_reference(z64, w64, y, 0.2), 1e-12)
+
+
+def test_target_check_without_host_sync_gives_nan_loss():
+    z, w, y, _ = _problem(4, 10, 3, 1, seed=10)
+    bad = torch.tensor([0, 1, 2, 10])
+    assert torch.isnan(cosine_softmax(z, w, bad, 0.2, check_targets=False))  # the default off CPU (CUDA)
+    assert torch.isfinite(cosine_softmax(z, w, y, 0.2, check_targets=False))
+    with pytest.raises(ValueError, match="not among"):
+        cosine_softmax(z, w, bad, 0.2, check_targets=True)
+
+
 class _MaxNumel(TorchDispatchMode):
     """Records the largest tensor produced by any aten op (forward and backward)."""
 
@@ -506,6 +537,11 @@ def test_bench_classifier_run_smoke(tmp_path):
                "repeats": 1, "out": str(out)})
     assert [(r["n"], r["mode"], r["world"], r["candidates"]) for r in res["rows"]] == [(50, "full", 1, 50),
                                                                                        (50, "sampled", 1, 24)]
-    assert out.exists() and "step ms" in res["table"]
+    assert out.exists() and "step ms" in res["table"] and "ratio" in res["table"]
+    for r in res["rows"]:
+        assert r["bound_ms"] > 0 and r["ratio"] > 0
+    dev = res["device"]
+    assert dev["bandwidth_gbs"] > 0 and dev["matmul_tflops"] > 0 and dev["matmul_dtype"] == "float32"
+    assert any(n.startswith("target:") for n in res["notes"])
     with pytest.raises(ValueError, match="unknown benchmark settings"):
         run({"bogus": 1})

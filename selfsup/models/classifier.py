@@ -211,7 +211,9 @@ class InstanceClassifier(nn.Module):
         if candidates.dim() != 1 or candidates.dtype != torch.long:
             raise ValueError(f"candidates must be a 1-D int64 tensor, got {candidates.dtype} {tuple(candidates.shape)}")
         ids = torch.unique(candidates.to(self.weight.device))
-        if ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= self.num_classes):
+        # range check on CPU only (two host reads); elsewhere ids outside [0, N) fall outside every shard
+        # and are dropped below, and a target among them makes the loss NaN (see cosine_softmax)
+        if ids.device.type == "cpu" and ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= self.num_classes):
             raise ValueError(f"candidate ids must lie in [0, {self.num_classes}), got [{int(ids[0])}, {int(ids[-1])}]")
         ids = ids[(ids >= self.start) & (ids < self.end)]
         local = ids - self.start
@@ -255,12 +257,13 @@ class InstanceClassifier(nn.Module):
     def smooth_index(self, target: Tensor) -> Tensor | None:
         """``hard_classes[target]`` ``(..., K)``; ``None`` when ``smooth_k == 0``.
 
-        Raises ``ValueError`` if a row of the table was never computed.
+        Raises ``ValueError`` if a row of the table was never computed (checked on
+        CPU; on CUDA without a host sync: the ``-1`` entries make the loss NaN).
         """
         if not self.smooth_k:
             return None
         idx = self.hard_classes[target]
-        if bool((idx < 0).any()):
+        if idx.device.type == "cpu" and bool((idx < 0).any()):
             raise ValueError("hard_classes not computed for some targets: call refresh_hard_classes_ first")
         return idx
 
@@ -316,15 +319,15 @@ class RecentInstances(nn.Module):
 
     @torch.no_grad()
     def push(self, index: Tensor) -> None:
-        """Append ``(B,)`` visited ids in order, overwriting the oldest; ``O(B)``."""
+        """Append ``(B,)`` visited ids in order, overwriting the oldest; ``O(B)``, no host sync."""
         if index.dim() != 1 or index.dtype != torch.long:
             raise ValueError(f"index must be a 1-D int64 tensor, got {index.dtype} {tuple(index.shape)}")
         index = index.to(self.buffer.device)[-self.size :]
-        b, ptr = index.numel(), int(self.ptr)
-        slots = (ptr + torch.arange(b, device=self.buffer.device)) % self.size
-        self.buffer[slots] = index
-        self.ptr.fill_((ptr + b) % self.size)
-        self.count.fill_(min(int(self.count) + b, self.size))
+        b = index.numel()
+        slots = (self.ptr + torch.arange(b, device=self.buffer.device)) % self.size
+        self.buffer.index_copy_(0, slots, index)
+        self.ptr.copy_((self.ptr + b) % self.size)
+        self.count.copy_((self.count + b).clamp(max=self.size))
 
     def recent(self) -> Tensor:
         """``(len(self),)`` stored ids, oldest first."""

@@ -147,24 +147,37 @@ def _target_term(zs: Tensor, rows: Tensor, tpos: Tensor, spos: Tensor | None, al
     return t
 
 
+def _addmm_(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``out += a @ b``; ``a``, ``b`` may be of a lower precision than ``out`` (e.g. bf16 into float32)."""
+    return out.addmm_(a, b) if a.dtype == out.dtype else out.add_(a @ b)
+
+
 class _ChunkedCosineSoftmax(torch.autograd.Function):
     """Global mean cosine-softmax loss of gathered normalised features against local rows.
 
     forward(zh (G, D) unit rows, rows (m, D), tpos (G,), spos (G, K) or None,
-    alpha, tau, chunk, feature_scale, distributed) -> scalar.  The backward
-    returns this rank's partial ``dL/dzh`` (times ``feature_scale``) and the
-    exact ``dL/drows``; nothing is communicated in backward.
+    alpha, tau, chunk, feature_scale, distributed, matmul_dtype, check) -> scalar.
+    The backward returns this rank's partial ``dL/dzh`` (times
+    ``feature_scale``) and the exact ``dL/drows``; nothing is communicated in
+    backward.  ``matmul_dtype`` (e.g. bf16, or None): the three logit-sized
+    matmuls take inputs in that dtype (the GEMMs accumulate in float32; the
+    products come back in that dtype and are widened); the log-sum-exp,
+    softmax and the gradients accumulate in ``zh.dtype``.  Forward and
+    backward run with autocast off (the caller's autocast picks
+    ``matmul_dtype`` in :func:`cosine_softmax`).  ``check``:
+    raise on targets outside the rows (one host sync), else a NaN loss.
     """
 
     @staticmethod
-    def forward(ctx, zh, rows, tpos, spos, alpha, tau, chunk, feature_scale, distributed):
+    def forward(ctx, zh, rows, tpos, spos, alpha, tau, chunk, feature_scale, distributed, matmul_dtype, check):
         g = zh.shape[0]
         zs = zh / tau
+        zq = zs.to(matmul_dtype or zs.dtype)  # the matmul operand (no copy without matmul_dtype)
         m_run = zh.new_full((g,), float("-inf"))
         s_run = zh.new_zeros(g)
         for c0 in range(0, rows.shape[0], chunk):
             wc = _normalize(rows[c0 : c0 + chunk].to(zh.dtype))
-            logits = zs @ wc.T  # (G, c): the only G x c temporary
+            logits = (zq @ wc.to(zq.dtype).T).to(zh.dtype)  # (G, c): the only G x c temporary
             new_m = torch.maximum(m_run, logits.max(dim=1).values)
             s_run = s_run * torch.exp(m_run - new_m) + logits.sub_(new_m[:, None]).exp_().sum(1)
             m_run = new_m
@@ -184,7 +197,8 @@ class _ChunkedCosineSoftmax(torch.autograd.Function):
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         total, t, found_t, found_s = packed
         k = spos.shape[1] if spos is not None else 0
-        if not bool(((found_t == 1) & (found_s == k)).all()):  # identical on every rank: all raise
+        valid = ((found_t == 1) & (found_s == k)).all()  # identical on every rank
+        if check and not bool(valid):  # all ranks raise (nobody hangs)
             bad = int((found_t != 1).sum())
             raise ValueError(
                 f"{bad} of {g} targets (and/or some smoothed-label indices) are not among the classifier's "
@@ -192,58 +206,69 @@ class _ChunkedCosineSoftmax(torch.autograd.Function):
             )
         lse = big_m + torch.log(total)
         loss = (lse - t).mean()
+        if not check:  # no host sync: a bad target makes the loss NaN (the trainer's finite check sees it)
+            loss = torch.where(valid, loss, torch.full_like(loss, float("nan")))
         ctx.save_for_backward(zh, rows, tpos, spos if spos is not None else tpos.new_empty(0), lse)
         ctx.has_s = spos is not None and alpha != 0.0
         ctx.alpha, ctx.tau, ctx.chunk, ctx.feature_scale = alpha, tau, chunk, feature_scale
+        ctx.matmul_dtype = matmul_dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):  # dtypes are explicit, as in forward
+            return _ChunkedCosineSoftmax._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         zh, rows, tpos, spos, lse = ctx.saved_tensors
         need_z, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g, m = zh.shape[0], rows.shape[0]
         alpha, tau = ctx.alpha, ctx.tau
         coef = grad_out.to(zh.dtype) / g  # dL/dl_ij = coef * (p_ij - q_ij)
         zs = zh / tau
+        md = ctx.matmul_dtype or zh.dtype
+        zq, zhq = zs.to(md), zh.to(md)  # matmul operands (no copies without matmul_dtype)
         grad_zh = torch.zeros_like(zh) if need_z else None
         grad_wh = rows.new_zeros(rows.shape, dtype=zh.dtype) if need_w and m > 0 else None
 
-        # target terms (-q): sparse, added first
+        # target terms (-q): sparse, added first.  Rows held elsewhere (position -1) get weight 0 at
+        # position 0 instead of a boolean mask: no data-dependent shapes, no host sync.
         if m > 0:
             wq = torch.where(tpos >= 0, coef / tau * (1.0 - alpha if ctx.has_s else 1.0), torch.zeros_like(lse))
-            own = tpos >= 0
             if need_z:
                 grad_zh -= wq[:, None] * _normalize(rows[tpos.clamp(min=0)].to(zh.dtype))
             if need_w:
-                grad_wh.index_add_(0, tpos[own], -(wq[own, None] * zh[own]))
+                grad_wh.index_add_(0, tpos.clamp(min=0), -(wq[:, None] * zh))
             if ctx.has_s:
                 k = spos.shape[1]
-                smask = spos >= 0
-                ws = (coef / tau * alpha / k) * smask.to(zh.dtype)  # (G, K)
+                ws = (coef / tau * alpha / k) * (spos >= 0).to(zh.dtype)  # (G, K)
                 if need_z:
                     wsn = _normalize(rows[spos.clamp(min=0)].to(zh.dtype))  # (G, K, D)
                     grad_zh -= torch.einsum("gk,gkd->gd", ws, wsn)
                 if need_w:
-                    gi = torch.arange(g, device=zh.device)[:, None].expand_as(spos)
-                    grad_wh.index_add_(0, spos[smask], -(ws[smask][:, None] * zh[gi[smask]]))
+                    upd = -(ws[:, :, None] * zh[:, None])  # (G, K, D)
+                    grad_wh.index_add_(0, spos.clamp(min=0).reshape(-1), upd.reshape(-1, zh.shape[1]))
 
         # softmax terms (+p), chunk by chunk; finish each chunk's row gradient through the normalisation
         for c0 in range(0, m, ctx.chunk):
             raw = rows[c0 : c0 + ctx.chunk].to(zh.dtype)
             norm = raw.norm(dim=1, keepdim=True).clamp_min(_EPS)
             wc = raw / norm
-            p = (zs @ wc.T).sub_(lse[:, None]).exp_().mul_(coef / tau)  # (G, c)
+            wcq = wc.to(md)
+            p = (zq @ wcq.T).to(zh.dtype).sub_(lse[:, None]).exp_().mul_(coef / tau)  # (G, c)
+            pq = p.to(md)
             if need_z:
-                grad_zh.addmm_(p, wc)
+                _addmm_(grad_zh, pq, wcq)
             if need_w:
                 gw = grad_wh[c0 : c0 + ctx.chunk]
-                gw.addmm_(p.T, zh)
+                _addmm_(gw, pq.T, zhq)
                 gw.sub_((gw * wc).sum(1, keepdim=True) * wc).div_(norm)  # d normalize(w) / dw
             del p
         if need_z and ctx.feature_scale != 1:
             grad_zh.mul_(ctx.feature_scale)
         grad_rows = grad_wh.to(rows.dtype) if grad_wh is not None else (torch.zeros_like(rows) if need_w else None)
-        return grad_zh, grad_rows, None, None, None, None, None, None, None
+        return grad_zh, grad_rows, None, None, None, None, None, None, None, None, None
 
 
 def cosine_softmax(
@@ -258,6 +283,8 @@ def cosine_softmax(
     alpha: float = 0.0,
     chunk_size: int = DEFAULT_CHUNK,
     ddp_grad_scale: bool = True,
+    matmul_dtype: torch.dtype | None = None,
+    check_targets: bool | None = None,
 ) -> Tensor:
     """Chunked (and, under ``torch.distributed``, row-sharded) cosine-softmax loss.
 
@@ -283,12 +310,22 @@ def cosine_softmax(
         ddp_grad_scale: multiply the features' gradient by the world size so
             that DDP's gradient averaging yields the exact gradient of the
             global loss (module docstring).  No effect with one process.
+        matmul_dtype: dtype of the inputs of the logit matmuls (forward and
+            the two backward ones), e.g. ``torch.bfloat16``; default: the
+            autocast dtype when autocast is on for ``z``'s device and the
+            compute dtype is float32, else none (matmuls in the compute dtype).
+            Normalisation, log-sum-exp, softmax and gradient accumulation stay
+            in float32 (float64).
+        check_targets: raise ``ValueError`` when a target / smoothed-label id
+            is not among the rows (one host sync per call); ``False``: no
+            sync, the returned loss is NaN instead.  Default: ``True`` on CPU,
+            ``False`` on other devices (CUDA: no host sync inside the step).
 
     Returns:
         Scalar: the global mean loss over all ranks' ``G = world*B`` samples
         (same value on every rank), float32 (float64 if ``z`` or ``rows`` is
-        float64), autocast disabled.  Gradients: exact ``dL/drows``; features
-        ``world * dL/dz`` (``ddp_grad_scale``) or ``dL/dz``.
+        float64).  Gradients: exact ``dL/drows``; features ``world * dL/dz``
+        (``ddp_grad_scale``) or ``dL/dz``.
     """
     if z.dim() != 2 or rows.dim() != 2 or z.shape[1] != rows.shape[1]:
         raise ValueError(f"need z (B, D) and rows (m, D) with equal D, got {tuple(z.shape)} and {tuple(rows.shape)}")
@@ -309,7 +346,13 @@ def cosine_softmax(
         raise ValueError(f"need chunk_size >= 1 and temperature > 0, got {chunk_size}, {temperature}")
     world = _dist_world()
     dtype = _compute_dtype(z, rows)
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    dev = z.device.type
+    if matmul_dtype is None and dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        matmul_dtype = torch.get_autocast_dtype(dev)
+    if matmul_dtype == dtype:
+        matmul_dtype = None
+    check = dev == "cpu" if check_targets is None else bool(check_targets)
+    with torch.autocast(device_type=dev, enabled=False):
         zh = F.normalize(z.to(dtype), dim=1, eps=_EPS)
         if world > 1:
             zh = all_gather_with_grad(zh)
@@ -320,7 +363,7 @@ def cosine_softmax(
         tpos = _local_positions(target, m, row_ids, offset)
         spos = _local_positions(smooth_index, m, row_ids, offset) if use_s else None
         return _ChunkedCosineSoftmax.apply(zh, rows, tpos, spos, float(alpha), float(temperature), int(chunk_size),
-                                           float(world if ddp_grad_scale else 1), world > 1)
+                                           float(world if ddp_grad_scale else 1), world > 1, matmul_dtype, check)
 
 
 def cosine_softmax_reference(
