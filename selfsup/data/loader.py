@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .datasets import DatasetFormatError
-from .files import FileImageSet, load_rgb
+from .files import FileImageSet, decode_bytes, load_rgb
 from .samplers import _derive_seed
 
 __all__ = ["crop_box", "ViewReader", "StreamLoader", "clean_batches", "decode_on_device", "DECODE_MODES"]
@@ -79,12 +79,12 @@ class ViewReader(torch.utils.data.Dataset):
         return [crop_box(rng, h, w, scale, ratio) for _, scale, ratio in self.specs]
 
     def _read(self, i: int, seed: int):
-        im = self.dset.open(i)
+        data = self.dset.read_bytes(i)
+        im = decode_bytes(data, self.dset.where(i))   # the header: the size, for the crop boxes
         w0, h0 = im.size
         boxes = self._boxes(seed, h0, w0)
         if self.decode == "device":
-            return torch.frombuffer(bytearray(self.dset.read_bytes(i)), dtype=torch.uint8), \
-                torch.tensor(boxes, dtype=torch.int64)
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor(boxes, dtype=torch.int64)
         need = min(1.0, max(s / min(bh, bw) for (s, _, _), (_, _, bh, bw) in zip(self.specs, boxes)))
         im.draft("RGB", (max(1, math.ceil(w0 * need)), max(1, math.ceil(h0 * need))))
         im = load_rgb(im, self.dset.where(i))
