@@ -228,3 +228,21 @@ def test_rank_shards_are_disjoint_and_cover_the_set(fake, part):
     assert not set(a.tolist()) & set(b.tolist()) and set(a.tolist()) | set(b.tolist()) == set(range(36))
     if part:   # each rank reads only its own partition (the items it cached)
         assert all(i % 2 == 0 for i in a.tolist()) and all(i % 2 == 1 for i in b.tolist())
+
+
+def test_a_small_crop_of_a_large_jpeg_is_decoded_at_reduced_scale(tmp_path, monkeypatch):
+    """PIL draft (JPEG DCT scaling): a 32 px view of an 800 px photo decodes at 1/8 scale, a crop
+    that needs the full resolution decodes at full size."""
+    import selfsup.data.loader as L
+    from selfsup.data.fake import encode_jpeg
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "big.jpg").write_bytes(encode_jpeg(torch.randint(0, 256, (3, 800, 800), dtype=torch.uint8)))
+    r = open_imagefolder(str(tmp_path), "train", index_cache=None)
+    sizes = []
+    real = L.load_rgb
+    monkeypatch.setattr(L, "load_rgb", lambda im, where: sizes.append(im.size) or real(im, where))
+    whole = (1.0, 1.0), (1.0, 1.0)
+    ViewReader(r, [(32, *whole)])[(0, 0)]
+    ViewReader(r, [(800, *whole)])[(0, 0)]
+    assert sizes == [(100, 100), (800, 800)]
