@@ -358,3 +358,17 @@ def test_precropped_views_get_every_step_but_the_crop():
     torch.testing.assert_close(out, aug.apply(x, p))
     with pytest.raises(ValueError, match="crop=False needs images of 16x16"):
         aug(torch.zeros(2, 3, 20, 20, dtype=torch.uint8), crop=False)
+
+
+def test_masked_blur_paths_agree():
+    """Blur on the selected samples only (CPU) equals blur of all then select (GPU path)."""
+    from selfsup.data.augment import _gaussian_blur, _masked
+
+    x = torch.rand(7, 3, 24, 24)
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1], dtype=torch.bool)
+    sigma = torch.rand(7) + 0.2
+    fn = lambda xs, idx: _gaussian_blur(xs, 5, sigma[idx])   # noqa: E731
+    a = _masked(x.clone(), mask, fn, subset=True)
+    b = _masked(x.clone(), mask, fn, subset=False)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a[~mask], x[~mask])

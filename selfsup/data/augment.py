@@ -179,21 +179,27 @@ def _color_jitter(
     return x
 
 
-def _masked_hue(x: Tensor, mask: Tensor, shift: Tensor, subset: bool | None = None) -> Tensor:
-    """Hue-rotate the samples of (B, 3, H, W) ``x`` where ``mask`` (B,) is set, others unchanged.
+def _masked(x: Tensor, mask: Tensor, fn, subset: bool | None = None) -> Tensor:
+    """``fn(x[i], i)`` for the samples of ``x`` where ``mask`` (B,) is set, the others unchanged;
+    ``fn(xs, idx)`` maps a batch ``xs`` of the samples ``idx`` (indices into the batch) to new values.
 
-    ``subset`` (default: on CPU) computes only the selected samples (needs the
-    selected indices on the host) and writes them into ``x`` in place; otherwise the whole batch is rotated and the
-    result selected with ``torch.where`` (no host synchronisation, for GPUs).
+    ``subset`` (default: on CPU) computes only the selected samples (needs their indices on the
+    host) and writes them into ``x`` in place; otherwise the whole batch is computed and the result
+    selected with ``torch.where`` (no host synchronisation, for GPUs).
     """
     if subset is None:
         subset = x.device.type == "cpu"
     if not subset:
-        return torch.where(mask.view(-1, 1, 1, 1), _adjust_hue(x, shift), x)
+        return torch.where(mask.view(-1, 1, 1, 1), fn(x, torch.arange(x.shape[0], device=x.device)), x)
     idx = mask.nonzero().squeeze(1)
     if idx.numel() == 0:
         return x
-    return x.index_copy_(0, idx, _adjust_hue(x.index_select(0, idx), shift.index_select(0, idx)))
+    return x.index_copy_(0, idx, fn(x.index_select(0, idx), idx))
+
+
+def _masked_hue(x: Tensor, mask: Tensor, shift: Tensor, subset: bool | None = None) -> Tensor:
+    """Hue-rotate the samples of (B, 3, H, W) ``x`` where ``mask`` (B,) is set (see :func:`_masked`)."""
+    return _masked(x, mask, lambda xs, idx: _adjust_hue(xs, shift[idx]), subset)
 
 
 def _gaussian_kernels(ksize: int, sigma: Tensor) -> Tensor:
@@ -436,7 +442,7 @@ class BatchAugment:
         if self.gray_p > 0:
             x = torch.where(p["gray"].view(bsz, 1, 1, 1), _gray(x).expand_as(x), x)
         if self.blur_p > 0 and self.blur_kernel > 1:
-            x = torch.where(p["blur"].view(bsz, 1, 1, 1), _gaussian_blur(x, self.blur_kernel, p["sigma"]), x)
+            x = _masked(x, p["blur"], lambda xs, idx: _gaussian_blur(xs, self.blur_kernel, p["sigma"][idx]))
         if self.solarize_p > 0:
             sol = p["solarize"].view(bsz, 1, 1, 1) & (x >= self.solarize_threshold)
             x = torch.where(sol, 1.0 - x, x)
