@@ -1,0 +1,269 @@
+"""Benchmark of the batched augmentation against torchvision's per-image pipeline (images/s).
+
+Two ways to produce one SimCLR view of ``batch`` images, timed at each output ``size``:
+
+* ``batched``: :class:`~selfsup.data.augment.BatchAugment`
+  (``simclr_augment(size, strength=1.0 if size >= 64 else 0.5)``) called on a uint8
+  ``(batch, 3, S, S)`` tensor already on the device; one call = one view of the batch;
+* ``torchvision``: the same augmentation per image with ``torchvision.transforms.v2``
+  (RandomResizedCrop antialias, flip, RandomApply(ColorJitter) p=0.8, RandomGrayscale 0.2,
+  GaussianBlur p=0.5 when size >= 64, ToDtype float32 scaled, Normalize; the jitter
+  strengths and blur kernel are taken from the ``BatchAugment`` so both do the same work)
+  inside a ``torch.utils.data.DataLoader`` with ``num_workers`` in ``workers`` over an
+  in-memory uint8 tensor, collated to a batch.  On ``cuda`` the batches are pinned and
+  copied with ``.to("cuda", non_blocking=True)``: CPU workers feeding the GPU.
+
+Both read the same random uint8 source images, ``S = size`` below 128 px and
+``round(size * 256 / 224)`` above (224 -> 256, so the crop downsamples).  A repeat = ``batches``
+batches (torchvision: one epoch of ``max(batches, workers)`` batches, so that every worker has one,
+from persistent workers, the prefetch queue empty at its start);
+``warmup`` repeats are not timed (worker start-up); the device is synchronised at both ends.
+Reported: median images/s over the repeats, ms per batch, and for ``batched`` rows ``speedup``
+over the best torchvision setting at the same size and device.  Only the ``quick`` run is part
+of the test suite.
+
+Usage::
+
+    from selfsup.bench_augment import run
+    res = run({"quick": True, "out": "bench.json"})   # -> {"config", "rows", "notes", "table"}
+    selfsup bench augment --sizes 32 96 224 --batch 256 --workers 0 2 --out augment.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from selfsup.data.augment import BatchAugment, simclr_augment
+
+__all__ = ["bench_augment", "source_size", "torchvision_pipeline", "run", "format_table", "main", "DEFAULTS",
+           "QUICK"]
+
+DEFAULTS = dict(sizes=(32, 96, 224), batch=256, workers=(0, 2), batches=2, repeats=3, warmup=1, device=None,
+                threads=None, seed=0, out=None)
+QUICK = dict(sizes=(32,), batch=64, workers=(0,), batches=1, repeats=2, warmup=1)
+
+
+def source_size(size: int) -> int:
+    """Side of the source images for output ``size``: ``size`` below 128, else ``size * 256 / 224``."""
+    return size if size < 128 else int(round(size * 256 / 224))
+
+
+def torchvision_pipeline(aug: BatchAugment):
+    """The per-image ``torchvision.transforms.v2`` equivalent of ``aug`` (uint8 CHW -> float32 CHW)."""
+    from torchvision.transforms import v2
+
+    b, c, s, h = aug.jitter
+    ts = [v2.RandomResizedCrop(aug.size, scale=aug.crop_scale, ratio=aug.crop_ratio, antialias=True),
+          v2.RandomHorizontalFlip(aug.flip_p),
+          v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=aug.jitter_p),
+          v2.RandomGrayscale(aug.gray_p)]
+    if aug.blur_p > 0 and aug.blur_kernel > 1:
+        ts.append(v2.RandomApply([v2.GaussianBlur(aug.blur_kernel, sigma=aug.blur_sigma)], p=aug.blur_p))
+    ts += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(aug.mean), list(aug.std))]
+    return v2.Compose(ts)
+
+
+class _Images(torch.utils.data.Dataset):
+    """``length`` items cycling over the uint8 images ``src`` (N, 3, S, S), each through ``transform``."""
+
+    def __init__(self, src, transform, length):
+        self.src, self.transform, self.length = src, transform, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.transform(self.src[i % len(self.src)])
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time_repeats(one_repeat, dev, warmup, repeats) -> list[float]:
+    for _ in range(warmup):
+        one_repeat()
+    _sync(dev)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        one_repeat()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_augment(sizes=DEFAULTS["sizes"], batch=256, workers=(0, 2), batches=2, repeats=3, warmup=1,
+                  devices=("cpu",), threads=None, seed=0, notes=None) -> list[dict]:
+    """Time both pipelines for every size and device (torchvision: every number of workers). Rows as documented."""
+    notes = notes if notes is not None else []
+    threads = threads or torch.get_num_threads()
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        notes.append("torchvision is not installed: torchvision rows skipped")
+        workers = ()
+    rows = []
+    for size in sizes:
+        aug = simclr_augment(size, strength=1.0 if size >= 64 else 0.5)
+        src_side = source_size(size)
+        g = torch.Generator().manual_seed(seed)
+        src = torch.randint(0, 256, (batch, 3, src_side, src_side), dtype=torch.uint8, generator=g)
+        for dev in map(torch.device, devices):
+            stub = dict(device=dev.type, size=size, source_size=src_side, batch=batch, threads=threads)
+            x = src.to(dev)
+
+            def batched():
+                for _ in range(batches):
+                    aug(x)
+
+            res = [dict(stub, pipeline="batched", workers=None, batches=batches,
+                        times=_time_repeats(batched, dev, warmup, repeats))]
+            del x
+            for w in workers:
+                nb = max(batches, w)
+                ds = _Images(src, torchvision_pipeline(aug), batch * nb)
+                loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=w, persistent_workers=w > 0,
+                                                     pin_memory=dev.type == "cuda")
+
+                def tv():
+                    for xb in loader:
+                        xb.to(dev, non_blocking=True)
+
+                res.append(dict(stub, pipeline="torchvision", workers=w, batches=nb,
+                                times=_time_repeats(tv, dev, max(warmup, 1 if w else 0), repeats)))
+                del loader  # stops the persistent workers
+            for r in res:
+                t = statistics.median(r.pop("times"))
+                r.update(images_per_s=batch * r["batches"] / t, ms_per_batch=1e3 * t / r["batches"])
+            best = max((r["images_per_s"] for r in res if r["pipeline"] == "torchvision"), default=None)
+            res[0]["speedup"] = res[0]["images_per_s"] / best if best else None
+            rows += res
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Fixed-width text table of :func:`bench_augment` rows."""
+    head = (f"{'pipeline':>11} {'device':>6} {'size':>5} {'src':>5} {'batch':>6} {'workers':>7} {'thr':>4} "
+            f"{'images/s':>10} {'ms/batch':>10} {'speedup':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        sp = f"{r['speedup']:>7.1f}x" if r.get("speedup") else f"{'-':>8}"
+        wk = "-" if r["workers"] is None else r["workers"]
+        lines.append(f"{r['pipeline']:>11} {r['device']:>6} {r['size']:>5} {r['source_size']:>5} {r['batch']:>6} "
+                     f"{wk:>7} {r['threads']:>4} {r['images_per_s']:>10.0f} {r['ms_per_batch']:>10.1f} {sp}")
+    return "\n".join(lines)
+
+
+def _machine_note() -> str:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"machine: {cpus} CPUs usable ({os.cpu_count()} total, {platform.processor() or platform.machine()}), "
+            f"torch {torch.__version__}, GPU: {gpu}")
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine from /proc/stat, CPU seconds of this process and its reaped children)."""
+    t = os.times()
+    own = t.user + t.system + t.children_user + t.children_system
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), own
+    except (OSError, ValueError):
+        return float("nan"), own
+
+
+def _others_note(start: tuple[float, float], wall: float) -> str | None:
+    """A warning when other processes used over a quarter of the usable CPUs during the run (Linux)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy, own = _cpu_seconds()
+    share = ((busy - start[0]) - (own - start[1])) / (wall * cpus)
+    if share > 0.25:  # nan (no /proc/stat) compares False
+        return (f"other processes kept {100 * share:.0f}% of the {cpus} CPUs busy during the run: the CPU figures "
+                "are unreliable (multi-threaded ones most; oversubscribed OpenMP threads stall)")
+    return None
+
+
+def run(args: dict | None = None) -> dict:
+    """Run the benchmark from a dict of settings (keys of :data:`DEFAULTS`, plus ``quick``).
+
+    ``quick=True`` starts from :data:`QUICK` (size 32, batch 64, main process only); explicit keys
+    override.  ``device``: ``"cpu"``, ``"cuda"`` or a list (default: cpu, plus cuda when
+    available).  ``out``: JSON path to write.  Returns ``{"config", "rows", "notes", "table"}``.
+    """
+    args = dict(args or {})
+    quick = bool(args.pop("quick", False))
+    cfg = dict(DEFAULTS)
+    if quick:
+        cfg.update(QUICK)
+    unknown = set(args) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown benchmark settings {sorted(unknown)}; valid: {sorted(cfg)} and 'quick'")
+    cfg.update({k: v for k, v in args.items() if v is not None})
+    devices = cfg["device"] or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [devices] if isinstance(devices, str) else list(devices)
+    bad = [d for d in devices if d not in ("cpu", "cuda")]
+    if bad:
+        raise ValueError(f"unknown device {bad}; valid: cpu, cuda")
+    if any(s <= 0 for s in cfg["sizes"]) or any(w < 0 for w in cfg["workers"]) or min(
+            cfg["batch"], cfg["batches"], cfg["repeats"]) <= 0 or cfg["warmup"] < 0:
+        raise ValueError("sizes, batch, batches and repeats must be positive, workers and warmup >= 0")
+    notes = [_machine_note()]
+    start, t0 = _cpu_seconds(), time.perf_counter()
+    if "cuda" in devices and not torch.cuda.is_available():
+        notes.append("cuda: skipped, no GPU available")
+        devices.remove("cuda")
+    prev = torch.get_num_threads()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    try:
+        rows = bench_augment(cfg["sizes"], cfg["batch"], cfg["workers"], cfg["batches"], cfg["repeats"],
+                             cfg["warmup"], devices, cfg["threads"], cfg["seed"], notes)
+    finally:
+        torch.set_num_threads(prev)
+    notes += [n for n in [_others_note(start, time.perf_counter() - t0)] if n]
+    notes.append("threads = torch threads of the main process; DataLoader workers run 1 torch thread each")
+    out = cfg.pop("out")
+    res = {"config": {**cfg, "quick": quick, "sizes": list(cfg["sizes"]), "workers": list(cfg["workers"]),
+                      "device": devices, "torch": torch.__version__},
+           "rows": rows, "notes": notes, "table": format_table(rows)}
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=2)
+            f.write("\n")
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line: ``python -m selfsup.bench_augment [--quick] [--sizes 32 224] [--out f.json] ...``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI-sized run (size 32, batch 64, workers 0)")
+    p.add_argument("--sizes", type=int, nargs="+", help="output sizes (default 32 96 224)")
+    p.add_argument("--batch", type=int, help="images per batch (default 256)")
+    p.add_argument("--workers", type=int, nargs="+", help="DataLoader workers of the torchvision pipeline")
+    p.add_argument("--batches", type=int, help="batches per timed repeat")
+    p.add_argument("--repeats", type=int, help="timed repeats (the median is reported)")
+    p.add_argument("--warmup", type=int, help="untimed repeats")
+    p.add_argument("--device", nargs="+", choices=["cpu", "cuda"], help="default: cpu, plus cuda if available")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for the main process")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out")
+    res = run(vars(p.parse_args(argv)))
+    print(res["table"])
+    for n in res["notes"]:
+        print("note:", n)
+    return res
+
+
+if __name__ == "__main__":
+    main()
