@@ -32,13 +32,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
 
 import torch
+
+from .bench_common import print_result, settings, write_json
 
 from selfsup.data.augment import BatchAugment, simclr_augment
 
@@ -200,15 +201,7 @@ def run(args: dict | None = None) -> dict:
     override.  ``device``: ``"cpu"``, ``"cuda"`` or a list (default: cpu, plus cuda when
     available).  ``out``: JSON path to write.  Returns ``{"config", "rows", "notes", "table"}``.
     """
-    args = dict(args or {})
-    quick = bool(args.pop("quick", False))
-    cfg = dict(DEFAULTS)
-    if quick:
-        cfg.update(QUICK)
-    unknown = set(args) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown benchmark settings {sorted(unknown)}; valid: {sorted(cfg)} and 'quick'")
-    cfg.update({k: v for k, v in args.items() if v is not None})
+    cfg, quick = settings(args, DEFAULTS, QUICK)
     devices = cfg["device"] or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     devices = [devices] if isinstance(devices, str) else list(devices)
     bad = [d for d in devices if d not in ("cpu", "cuda")]
@@ -236,12 +229,7 @@ def run(args: dict | None = None) -> dict:
     res = {"config": {**cfg, "quick": quick, "sizes": list(cfg["sizes"]), "workers": list(cfg["workers"]),
                       "device": devices, "torch": torch.__version__},
            "rows": rows, "notes": notes, "table": format_table(rows)}
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(res, f, indent=2)
-            f.write("\n")
-    return res
+    return write_json(res, out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -259,10 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int)
     p.add_argument("--out")
     res = run(vars(p.parse_args(argv)))
-    print(res["table"])
-    for n in res["notes"]:
-        print("note:", n)
-    return res
+    return print_result(res)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
 import shutil
@@ -55,6 +54,8 @@ import time
 import traceback
 
 import torch
+
+from .bench_common import print_result, settings, write_json
 
 from selfsup.models.classifier import InstanceClassifier, RecentInstances, SparseRowSGD
 from selfsup.parallel.sharded_classifier import DEFAULT_CHUNK
@@ -473,15 +474,7 @@ def run(args: dict | None = None) -> dict:
     ``{"config": ..., "device": {roofline figures, precision}, "rows": [...],
     "notes": [...], "table": str}``.
     """
-    args = dict(args or {})
-    quick = bool(args.pop("quick", False))
-    cfg = dict(DEFAULTS)
-    if quick:
-        cfg.update(QUICK)
-    unknown = set(args) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown benchmark settings {sorted(unknown)}; valid: {sorted(cfg)} and 'quick'")
-    cfg.update({k: v for k, v in args.items() if v is not None})
+    cfg, quick = settings(args, DEFAULTS, QUICK)
     out = cfg.pop("out")
     notes: list[str] = []
     device_info: dict = {}
@@ -490,12 +483,7 @@ def run(args: dict | None = None) -> dict:
     res = {"config": {**cfg, "quick": quick, "ns": list(cfg["ns"]), "modes": list(cfg["modes"]),
                       "torch": torch.__version__, "threads": cfg["threads"] or torch.get_num_threads()},
            "device": device_info, "rows": rows, "notes": notes, "table": format_table(rows)}
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(res, f, indent=2)
-            f.write("\n")
-    return res
+    return write_json(res, out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -522,10 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "bandwidth_gbs" in d:
         print(f"device {d['device']}: copy bandwidth {d['bandwidth_gbs']:.1f} GB/s, {d['matmul_dtype']} matmul "
               f"{d['matmul_tflops']:.2f} TFLOP/s; head precision {d['precision']}")
-    print(res["table"])
-    for n in res["notes"]:
-        print("note:", n)
-    return res
+    return print_result(res)
 
 
 if __name__ == "__main__":

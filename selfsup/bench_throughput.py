@@ -39,15 +39,15 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
-import platform
 import resource
 import statistics
 import threading
 import time
 
 import torch
+
+from .bench_common import device_name, print_result, settings, write_json
 
 __all__ = ["count_backbone_flops", "bench_throughput", "run", "format_table", "main", "DEFAULTS", "QUICK",
            "MODES"]
@@ -109,17 +109,6 @@ class _RssPeak:
         self.peak = max(self.peak, self.rss())
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:
@@ -423,7 +412,7 @@ def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[di
                   width=cfg.model.width if cfg.model.backbone == "resnet_small" else None,
                   batch=cfg.train.batch_size, image_size=size, dataset=cfg.data.name, stream=stream,
                   dataset_size=len(ds), optimizer=cfg.train.optimizer, device=str(device),
-                  device_name=_device_name(device), torch=torch.__version__,
+                  device_name=device_name(device), torch=torch.__version__,
                   precision=str(amp).replace("torch.", "") if amp is not None else "fp32",
                   compile=bool(cfg.train.compile), channels_last=bool(cfg.train.channels_last),
                   cudnn_benchmark=torch.backends.cudnn.benchmark if s["cudnn_benchmark"] is None
@@ -454,15 +443,7 @@ def run(args: dict | None = None) -> dict:
     Returns ``{"config": ..., "rows": [...], "notes": [...], "table": str}``.  Unknown settings,
     modes or config keys raise ``ValueError``.
     """
-    args = dict(args or {})
-    quick = bool(args.pop("quick", False))
-    s = dict(DEFAULTS)
-    if quick:
-        s.update(QUICK)
-    unknown = set(args) - set(s)
-    if unknown:
-        raise ValueError(f"unknown benchmark settings {sorted(unknown)}; valid: {sorted(s)} and 'quick'")
-    s.update({k: v for k, v in args.items() if v is not None})
+    s, quick = settings(args, DEFAULTS, QUICK)
     if isinstance(s["modes"], str):
         s["modes"] = (s["modes"],)
     if isinstance(s["overrides"], str):
@@ -472,12 +453,7 @@ def run(args: dict | None = None) -> dict:
     rows, config = bench_throughput({**s, "out": None}, notes)
     config.pop("out", None)
     res = {"config": {**config, "quick": quick}, "rows": rows, "notes": notes, "table": format_table(rows)}
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(res, f, indent=2)
-            f.write("\n")
-    return res
+    return write_json(res, out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -507,10 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int)
     p.add_argument("--out")
     res = run(vars(p.parse_args(argv)))
-    print(res["table"])
-    for n in res["notes"]:
-        print("note:", n)
-    return res
+    return print_result(res)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def test_pic_imagenet_on_a_zip_runs_and_cache_modes_agree(fake, tmp_path):
         train(_cfg(fake, tmp_path / mode, f"data.cache_mode={mode}"))
         assert_same_model(tmp_path / "none", tmp_path / mode)
     # the image folder gives the same run as the zip
-    train(load_config("pic-imagenet", [f"data.root={fake}", "data.stream=true", *SMALL,
+    train(load_config("pic-imagenet", ["data.name=imagefolder", f"data.root={fake}", *SMALL,
                                        f"data.index_cache={tmp_path / 'idx'}", f"run_dir={tmp_path / 'folder'}"]))
     assert_same_model(tmp_path / "none", tmp_path / "folder")
 
@@ -73,7 +73,7 @@ def test_bad_images_are_skipped_and_counted_in_the_log(fake, tmp_path):
     first = sorted(os.listdir(root / "train" / "n01440764"))[0]
     (root / "train" / "n01440764" / first).write_bytes(b"not a jpeg")
     run = tmp_path / "run"
-    args = [f"data.root={root}", "data.stream=true", *SMALL, "eval.every=0", f"data.index_cache={tmp_path / 'i'}"]
+    args = ["data.name=imagefolder", f"data.root={root}", *SMALL, "eval.every=0", f"data.index_cache={tmp_path / 'i'}"]
     with pytest.raises(Exception, match=first):
         train(load_config("pic-imagenet", args + [f"run_dir={run}"]))
     res = train(load_config("pic-imagenet", args + ["data.on_error=skip", f"run_dir={tmp_path / 'skip'}"]))

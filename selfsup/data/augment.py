@@ -423,20 +423,25 @@ class BatchAugment:
         }
         return {k: v.to(device) for k, v in params.items()}
 
-    def apply(self, images: Tensor, params: dict[str, Tensor]) -> Tensor:
+    def apply(self, images: Tensor, params: dict[str, Tensor], crop: bool = True) -> Tensor:
         """Augment ``images`` with given ``params`` (from :meth:`sample_params`).
 
         Args:
             images: (B, C, H, W) uint8, C in {1, 3}, any device.
             params: per-sample parameter tensors on ``images.device``.
+            crop: False for images already cut to ``size`` (the crop box is ignored).
         Returns:
             (B, 3, size, size) float32, normalised with mean/std.
         """
         _check_channels(images)
         bsz = images.shape[0]
         p = params
-        x = _resized_crop(images, p["top"], p["left"], p["height"], p["width"], self.size, p["flip"])
-        x = x * (1.0 / 255.0)  # float32 in [0, 1]
+        if crop:
+            x = _resized_crop(images, p["top"], p["left"], p["height"], p["width"], self.size, p["flip"])
+            x = x * (1.0 / 255.0)  # float32 in [0, 1]
+        else:   # already cut to size: only the flip
+            x = images.to(torch.float32) * (1.0 / 255.0)
+            x = torch.where(p["flip"].view(bsz, 1, 1, 1), x.flip(-1), x)
         if self.jitter_p > 0 and any(v > 0 for v in self.jitter):
             x = _color_jitter(x, p["jitter"], p["order"], p["brightness"], p["contrast"], p["saturation"], p["hue"])
         if self.gray_p > 0:
@@ -457,13 +462,9 @@ class BatchAugment:
         """
         _check_channels(images)
         b, _, h, w = images.shape
-        params = self.sample_params(b, h, w, generator=generator, device=images.device)
-        if not crop:
-            if (h, w) != (self.size, self.size):
-                raise ValueError(f"crop=False needs images of {self.size}x{self.size}, got {h}x{w}")
-            params.update(top=torch.zeros_like(params["top"]), left=torch.zeros_like(params["left"]),
-                          height=torch.full_like(params["height"], h), width=torch.full_like(params["width"], w))
-        return self.apply(images, params)
+        if not crop and (h, w) != (self.size, self.size):
+            raise ValueError(f"crop=False needs images of {self.size}x{self.size}, got {h}x{w}")
+        return self.apply(images, self.sample_params(b, h, w, generator=generator, device=images.device), crop)
 
 
 def eval_transform(

@@ -43,17 +43,24 @@ def make_fake_imagenet(root: str, classes: int = 4, train_per_class: int = 50, v
     counts = {}
     for split, per_class, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):
         n = classes * per_class
-        src = load_synthetic("train", image_size=max_size, num_samples=n, num_classes=classes, seed=split_seed)
-        order = np.argsort(src.labels.numpy(), kind="stable")
-        lines, blobs = [], []
-        for k, i in enumerate(order):
-            c = int(src.labels[i])
-            h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
-            img = F.interpolate(src.images[i][None].float(), size=(h, w), mode="bilinear", antialias=True,
-                                align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        blobs, done, chunk = [], 0, max(1, 64 // classes)
+        while done < per_class:   # a few images per class at a time: memory stays small at any size
+            m = min(chunk, per_class - done)
+            src = load_synthetic("train", image_size=max_size, num_samples=m * classes, num_classes=classes,
+                                 seed=split_seed * 100003 + done)   # balanced: m images of every class
+            for i in range(len(src)):
+                h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+                img = F.interpolate(src.images[i][None].float(), size=(h, w), mode="bilinear", antialias=True,
+                                    align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+                blobs.append((int(src.labels[i]), encode_jpeg(img)))
+            done += m
+        blobs.sort(key=lambda b: b[0])   # stable: class by class
+        lines, named = [], []
+        for k, (c, data) in enumerate(blobs):
             name = f"{wnids[c]}/{wnids[c]}_{k:05d}.JPEG"
             lines.append(f"{name}\t{c}\n")
-            blobs.append((name, encode_jpeg(img)))
+            named.append((name, data))
+        blobs = named
         if "folder" in layouts:
             for name, data in blobs:
                 path = os.path.join(root, split, name)
