@@ -95,6 +95,18 @@ def test_resized_crop_matches_torchvision(size):
             assert (out[i] * 255 - ref8).abs().max() <= 1.0
 
 
+@pytest.mark.parametrize("size", [32, 8])
+def test_dense_resized_crop_equals_the_per_sample_path(size):
+    """The GPU's batched matrix path and the CPU's per-sample F.interpolate path agree (on the CPU)."""
+    from selfsup.data.augment import _resized_crop
+
+    imgs = _images(4, 3, 20, 24)
+    t, l, h, w = (torch.tensor(v) for v in zip((0, 0, 20, 24), (3, 5, 10, 7), (7, 1, 13, 19), (15, 20, 5, 4)))
+    flip = torch.tensor([True, False, True, False])
+    torch.testing.assert_close(_resized_crop(imgs, t, l, h, w, size, flip, dense=True),
+                               _resized_crop(imgs, t, l, h, w, size, flip, dense=False), atol=1e-3, rtol=0)
+
+
 def test_flip_matches_torchvision():
     imgs = _images(3, 3, 16, 16)
     aug = _plain_aug(24)
