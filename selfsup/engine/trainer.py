@@ -497,7 +497,8 @@ def _train(cfg, resume, rank, local_rank, world):
             if eval_data is not None and epoch % cfg.eval.every == 0:
                 knn_res, knn_step = monitor_eval(model, cfg, *eval_data, device, amp, eval_data[0] is ds), step
                 logger.log({"event": "knn", "step": step, "epoch": epoch, **knn_res, "wall_time": wall()})
-                bar.write(f"epoch {epoch}: knn_top1 {knn_res['knn_top1']:.4f}")
+                if main:
+                    bar.write(f"epoch {epoch}: knn_top1 {knn_res['knn_top1']:.4f}")
             checkpoint()
     bar.close()
 
