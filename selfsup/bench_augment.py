@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from .bench_common import print_result, settings, write_json
+from .bench_common import cpu_snapshot, others_share, print_result, settings, sync, write_json
 
 from selfsup.data.augment import BatchAugment, simclr_augment
 
@@ -84,20 +84,15 @@ class _Images(torch.utils.data.Dataset):
         return self.transform(self.src[i % len(self.src)])
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _time_repeats(one_repeat, dev, warmup, repeats) -> list[float]:
     for _ in range(warmup):
         one_repeat()
-    _sync(dev)
+    sync(dev)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         one_repeat()
-        _sync(dev)
+        sync(dev)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -171,24 +166,11 @@ def _machine_note() -> str:
             f"torch {torch.__version__}, GPU: {gpu}")
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine from /proc/stat, CPU seconds of this process and its reaped children)."""
-    t = os.times()
-    own = t.user + t.system + t.children_user + t.children_system
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:9]]
-        return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), own
-    except (OSError, ValueError):
-        return float("nan"), own
-
-
-def _others_note(start: tuple[float, float], wall: float) -> str | None:
+def _others_note(start, end) -> str | None:
     """A warning when other processes used over a quarter of the usable CPUs during the run (Linux)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    busy, own = _cpu_seconds()
-    share = ((busy - start[0]) - (own - start[1])) / (wall * cpus)
-    if share > 0.25:  # nan (no /proc/stat) compares False
+    share = others_share(start, end, cpus)
+    if share is not None and share > 0.25:
         return (f"other processes kept {100 * share:.0f}% of the {cpus} CPUs busy during the run: the CPU figures "
                 "are unreliable (multi-threaded ones most; oversubscribed OpenMP threads stall)")
     return None
@@ -211,7 +193,7 @@ def run(args: dict | None = None) -> dict:
             cfg["batch"], cfg["batches"], cfg["repeats"]) <= 0 or cfg["warmup"] < 0:
         raise ValueError("sizes, batch, batches and repeats must be positive, workers and warmup >= 0")
     notes = [_machine_note()]
-    start, t0 = _cpu_seconds(), time.perf_counter()
+    start = cpu_snapshot()
     if "cuda" in devices and not torch.cuda.is_available():
         notes.append("cuda: skipped, no GPU available")
         devices.remove("cuda")
@@ -223,7 +205,7 @@ def run(args: dict | None = None) -> dict:
                              cfg["warmup"], devices, cfg["threads"], cfg["seed"], notes)
     finally:
         torch.set_num_threads(prev)
-    notes += [n for n in [_others_note(start, time.perf_counter() - t0)] if n]
+    notes += [n for n in [_others_note(start, cpu_snapshot())] if n]
     notes.append("threads = torch threads of the main process; DataLoader workers run 1 torch thread each")
     out = cfg.pop("out")
     res = {"config": {**cfg, "quick": quick, "sizes": list(cfg["sizes"]), "workers": list(cfg["workers"]),

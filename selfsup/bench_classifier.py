@@ -49,13 +49,12 @@ import os
 import pickle
 import shutil
 import tempfile
-import threading
 import time
 import traceback
 
 import torch
 
-from .bench_common import print_result, settings, write_json
+from .bench_common import RssPeak, print_result, settings, sync, write_json
 
 from selfsup.models.classifier import InstanceClassifier, RecentInstances, SparseRowSGD
 from selfsup.parallel.sharded_classifier import DEFAULT_CHUNK
@@ -70,36 +69,6 @@ QUICK = dict(ns=(10**3, 10**4), dim=32, batch=64, num_recent=1024, chunk_size=20
 
 
 # ---------------------------------------------------------------- memory probes
-
-
-class _RssPeak:
-    """Peak resident set size of this process, sampled every ~1 ms by a thread (Linux; 0 elsewhere)."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:
-            return 0
-
-    def __enter__(self):
-        self.base = self.peak = self.rss()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    def _loop(self):
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.rss())
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -126,20 +95,15 @@ def _estimate_bytes(n: int, dim: int, batch: int, mode: str, world: int, num_rec
 # ---------------------------------------------------------------- roofline
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _best_time(fn, device: torch.device, repeats: int) -> float:
     """Fastest of ``repeats`` timed calls of ``fn`` (after one untimed call), synchronised."""
     fn()
-    _sync(device)
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -243,12 +207,12 @@ def _measure(n, dim, batch_local, mode, device, num_recent, chunk, warmup, repea
 
     for i in range(warmup):
         step(i)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     times = []
-    probe = _RssPeak() if device.type == "cpu" else None
+    probe = RssPeak() if device.type == "cpu" else None
     if probe is not None:
         probe.__enter__()
     try:
@@ -257,7 +221,7 @@ def _measure(n, dim, batch_local, mode, device, num_recent, chunk, warmup, repea
                 torch.distributed.barrier()
             t0 = time.perf_counter()
             loss = step(warmup + i)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - t0)
     finally:
         if probe is not None:

@@ -56,7 +56,7 @@ import zipfile
 
 import torch
 
-from .bench_common import device_name, print_result, settings, write_json
+from .bench_common import cpu_snapshot, device_name, others_share, print_result, settings, sync, write_json
 
 __all__ = ["bench_data", "make_source_set", "default_workers", "run", "format_table", "main", "DEFAULTS",
            "QUICK", "READERS", "DECODES"]
@@ -92,35 +92,6 @@ def default_workers(cpus: int | None = None) -> list[int]:
     return ws
 
 
-
-
-def _cpu_snapshot():
-    """(wall s, busy CPU s of the whole machine from /proc/stat, CPU s of this process and its reaped
-    children, i.e. the workers); None where /proc/stat is missing."""
-    import resource
-
-    try:
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")   # all but idle and iowait
-    own = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
-    return time.perf_counter(), busy, own
-
-
-def _others_share(start, end, cpus: int) -> float | None:
-    """Share of the machine's CPU time used by other processes between two snapshots."""
-    if start is None or end is None or end[0] <= start[0]:
-        return None
-    other = (end[1] - start[1]) - (end[2] - start[2])
-    return max(0.0, other) / ((end[0] - start[0]) * cpus)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -323,7 +294,7 @@ def _timed_pass(dset, specs, batch, steps, warmup, workers, device, decode, pref
         for _ in range(warmup):
             _, views, _ = next(it)
             consume(views)
-        _sync(device)
+        sync(device)
         t0 = tick = time.perf_counter()
         images, times = 0, []
         for index, views, _ in it:
@@ -333,7 +304,7 @@ def _timed_pass(dset, specs, batch, steps, warmup, workers, device, decode, pref
                 now = time.perf_counter()
                 times.append(now - tick)
                 tick = now
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0, images, times
     finally:
         del it   # shuts the workers down
@@ -348,13 +319,13 @@ def _aug_only(aug, batch, size, device, reps, seed) -> float:
     for _ in range(2):   # first calls: allocator and kernel warm-up
         for v in views:
             aug(v, gen, crop=False)
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         for v in views:
             aug(v, gen, crop=False)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -510,7 +481,7 @@ def run(args: dict | None = None) -> dict:
                  "once before timing: files come from the OS page cache, disk speed is not measured")
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
-    snap = _cpu_snapshot()
+    snap = cpu_snapshot()
     try:
         rows = bench_data(root, layouts, readers=tuple(cfg["readers"]), decodes=tuple(cfg["decodes"]),
                           workers=workers, batch=int(cfg["batch"]), steps=steps, warmup=int(cfg["warmup"]),
@@ -519,7 +490,7 @@ def run(args: dict | None = None) -> dict:
                           index_cache=os.path.join(root, ".index") if generated else None, notes=notes)
     finally:
         torch.set_num_threads(prev)
-    others = _others_share(snap, _cpu_snapshot(), cpus)
+    others = others_share(snap, cpu_snapshot(), cpus)
     if others is not None:
         notes.append(f"other processes used {100 * others:.0f}% of the {cpus} CPUs during the measurements"
                      + (": the numbers are disturbed; rerun on a quiet machine or with --repeats 2+"

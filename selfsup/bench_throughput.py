@@ -39,15 +39,13 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import os
 import resource
 import statistics
-import threading
 import time
 
 import torch
 
-from .bench_common import device_name, print_result, settings, write_json
+from .bench_common import RssPeak, device_name, print_result, settings, sync, write_json
 
 __all__ = ["count_backbone_flops", "bench_throughput", "run", "format_table", "main", "DEFAULTS", "QUICK",
            "MODES"]
@@ -77,43 +75,6 @@ def count_backbone_flops(backbone: torch.nn.Module, size: int, channels: int = 3
 
 
 # ---------------------------------------------------------------- memory / device probes
-
-
-class _RssPeak:
-    """Peak resident set size of this process, sampled every `period` s by a thread (Linux)."""
-
-    def __init__(self, period: float = 0.005):
-        self.period, self.peak, self._stop = period, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:
-            return 0
-
-    def __enter__(self):
-        self.peak = self.rss()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    def _loop(self):
-        while not self._stop.wait(self.period):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.rss())
-
-
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------- config
@@ -175,7 +136,7 @@ def _measure_mode(mode, cfg, ds, stream, device, amp, steps, warmup, notes, prim
 
     torch.manual_seed(cfg.seed)
     d, t = cfg.data, cfg.train
-    rss0 = _RssPeak().rss() if device.type == "cpu" else 0
+    rss0 = RssPeak().rss() if device.type == "cpu" else 0
     size = d.image_size or ds.images.shape[-1]
     aug = augment_from_config(cfg.aug, size)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000)
@@ -252,7 +213,7 @@ def _measure_mode(mode, cfg, ds, stream, device, amp, steps, warmup, notes, prim
     t0 = time.perf_counter()
     for _ in range(warmup):
         loss = train_part(*data_part())
-    _sync(device)
+    sync(device)
     warmup_s = time.perf_counter() - t0
     if prime_only:
         del model, net, opt, sched, batches
@@ -266,7 +227,7 @@ def _measure_mode(mode, cfg, ds, stream, device, amp, steps, warmup, notes, prim
         probe = None
     else:
         base_mem = None
-        probe = _RssPeak().__enter__()
+        probe = RssPeak(period=0.005).__enter__()
     cpu_marks = []
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     try:
@@ -285,7 +246,7 @@ def _measure_mode(mode, cfg, ds, stream, device, amp, steps, warmup, notes, prim
                 cpu_marks.append((a, b))
         if device.type == "cuda":
             ev_end.record()
-        _sync(device)
+        sync(device)
         wall = time.perf_counter() - t0
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
         if device.type == "cpu":

@@ -265,6 +265,17 @@ def _uniform(n: int, lo: float, hi: float, generator, device, shape=None) -> Ten
     return lo + (hi - lo) * torch.rand(shape, generator=generator, device=device)
 
 
+def central_crop_size(height: int, width: int, ratio) -> tuple[int, int]:
+    """RandomResizedCrop's fallback when no try is valid: (h, w) of the whole image clamped to the
+    aspect-ratio range `ratio` (centred by the caller)."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return int(round(width / min(ratio))), width
+    if in_ratio > max(ratio):
+        return height, int(round(height * max(ratio)))
+    return height, width
+
+
 def _sample_crop_boxes(
     batch: int, height: int, width: int, scale, ratio, generator, device, tries: int = 10
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -285,14 +296,7 @@ def _sample_crop_boxes(
     h = h.gather(1, first).squeeze(1)
     found = valid.any(dim=1)
 
-    # Central-crop fallback (same for all samples: depends on the image size only).
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(height * max(ratio))), height
-    else:
-        fw, fh = width, height
+    fh, fw = central_crop_size(height, width, ratio)   # the fallback: the same for all samples
     h = torch.where(found, h, torch.full_like(h, fh))
     w = torch.where(found, w, torch.full_like(w, fw))
 

@@ -318,8 +318,7 @@ class FileImageSet:
         im = self.open(i)
         if size is not None:
             im.draft("RGB", _draft_size(im.size, size))   # JPEG: decode at a reduced scale >= the target
-            im = resize_center(load_rgb(im, self.where(i)), size)
-        return np.array(load_rgb(im, self.where(i)), dtype=np.uint8)
+        return np.array(resize_center(load_rgb(im, self.where(i)), size), dtype=np.uint8)
 
     def cache(self, indices, threads: int = 8) -> int:
         """Keep the encoded bytes of `indices` in memory; returns the bytes cached."""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import central_crop_size
 from .datasets import DatasetFormatError
 from .files import FileImageSet, decode_bytes, load_rgb
 from .samplers import _derive_seed
@@ -48,13 +49,7 @@ def crop_box(rng: random.Random, height: int, width: int, scale, ratio) -> tuple
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
+    h, w = central_crop_size(height, width, ratio)
     return (height - h) // 2, (width - w) // 2, h, w
 
 
