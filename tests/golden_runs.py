@@ -1,0 +1,157 @@
+"""Numbers the project produced before the engine redesign, and the runs that reproduce them.
+
+Each entry trains a shipped preset for 6 steps on the procedural synthetic set at seed 0 (a tiny
+ResNet, one CPU thread) and records the loss of every step, the final kNN monitor result and a
+checksum of the final model state (parameters and buffers: queues, banks, classifier rows).
+`tests/golden/presets.json` was written by the code before the redesign
+(`python tests/golden_runs.py --record`); `test_golden.py` checks that the code of today gives the
+same numbers to 1e-6 relative. Re-record only for a change that is meant to change numbers, and say
+so in its commit.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+GOLDEN = Path(__file__).parent / "golden" / "presets.json"
+REL = 1e-6
+OLD_RUN = "millionway-sampled"          # the old-checkpoint fixture: this run stopped at step 3
+OLD_RUN_DIR = Path(__file__).parent / "golden" / "old-run-millionway"
+
+SMALL = ["device=cpu", "seed=0", "data.name=synthetic", "model.width=8", "model.head_hidden=32", "model.proj_dim=16",
+         "train.batch_size=32", "train.max_steps=6", "train.log_every=1", "train.threads=1", "eval.every=1",
+         "eval.knn_k=20", "eval.batch_size=256"]
+WINDOW = ["data.window=512", "data.stride=128"]
+
+# name -> (preset, overrides): every method preset, and the options the presets leave off
+RUNS = {
+    "simclr": ("simclr-fmnist-cpu", []),
+    "simclr-v2-head": ("simclr-fmnist-cpu", ["model.head_layers=3"]),
+    "mocov1": ("mocov1-fmnist-cpu", []),
+    "mocov2": ("mocov2-fmnist-cpu", []),
+    "mocov2-symmetric": ("mocov2-fmnist-cpu", ["moco.symmetric=true"]),
+    "instdisc": ("instdisc-fmnist-cpu", []),
+    "instdisc-softmax": ("instdisc-fmnist-cpu", ["instdisc.loss=softmax", "instdisc.bank_init=random"]),
+    "pic": ("pic-fmnist-cpu", WINDOW),
+    "pic-sampled-multicrop": ("pic-fmnist-cpu", WINDOW + ["pic.negatives=256", "pic.small_crops=2",
+                                                          "pic.small_size=16"]),
+    "millionway": ("millionway-fmnist-cpu", WINDOW),
+    "millionway-sampled": ("millionway-fmnist-cpu", WINDOW + ["pic.negatives=256"]),
+    "simclr-lars-guarded": ("simclr-fmnist-cpu", ["train.optimizer=lars", "train.nonfinite=skip"]),
+}
+# the same under two gloo processes (one process group, run one after the other)
+DIST_RUNS = {
+    "simclr-2proc": ("simclr-fmnist-cpu", []),
+    "mocov2-symmetric-2proc": ("mocov2-fmnist-cpu", ["moco.symmetric=true"]),
+    "millionway-sampled-2proc": ("millionway-fmnist-cpu", WINDOW + ["pic.negatives=256"]),
+}
+
+
+def overrides(name: str, run_dir) -> tuple[str, list[str]]:
+    preset, extra = {**RUNS, **DIST_RUNS}[name]
+    return preset, SMALL + extra + [f"run_dir={run_dir}"]
+
+
+def checksum(state: dict) -> dict:
+    """Float64 sum, sum of absolute values and a position-weighted sum of every floating tensor."""
+    total = {"sum": 0.0, "abs_sum": 0.0, "weighted": 0.0}
+    for k in sorted(state):
+        v = state[k]
+        if not torch.is_tensor(v) or not v.is_floating_point():
+            continue
+        x = v.detach().double().flatten()
+        w = torch.cos(torch.arange(x.numel(), dtype=torch.float64))
+        total["sum"] += float(x.sum())
+        total["abs_sum"] += float(x.abs().sum())
+        total["weighted"] += float((x * w).sum())
+    return total
+
+
+def record_of(run_dir, final: dict) -> dict:
+    """What a finished run is checked by: losses per step, final kNN, model-state checksum."""
+    from selfsup.engine.checkpoint import load_checkpoint
+
+    events = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["event"] == "train"]
+    ck = load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")
+    rec = {"losses": losses, "step": ck["step"], "checksum": checksum(ck["model"])}
+    for k in ("knn_top1", "knn_top5", "knn_bank_top1"):
+        if k in final:
+            rec[k] = final[k]
+    return rec
+
+
+def run_one(name: str, run_dir) -> dict:
+    from selfsup.config import load_config
+    from selfsup.engine.trainer import train
+
+    preset, over = overrides(name, run_dir)
+    torch.set_num_threads(1)
+    return record_of(run_dir, train(load_config(preset, over)))
+
+
+def _dist_worker(rank, world, names, base):
+    from selfsup.config import load_config
+    from selfsup.engine.trainer import train
+
+    torch.set_num_threads(1)
+    out = {}
+    for n in names:   # every rank trains; rank 0 reads what it wrote
+        final = train(load_config(*overrides(n, Path(base) / n)))
+        out[n] = record_of(Path(base) / n, final) if rank == 0 else None
+    return out
+
+
+def run_dist(names, base) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dist_utils import run_distributed
+
+    return run_distributed(_dist_worker, 2, list(names), str(base), timeout=600)[0]
+
+
+def close(a, b, scale) -> bool:
+    return abs(a - b) <= REL * max(abs(scale), 1e-12)
+
+
+def compare(got: dict, want: dict) -> list[str]:
+    """Differences beyond 1e-6 relative, as readable lines (empty: equal)."""
+    bad = []
+    if got["step"] != want["step"] or len(got["losses"]) != len(want["losses"]):
+        bad.append(f"steps {got['step']} / {len(got['losses'])} losses, want {want['step']} / {len(want['losses'])}")
+    for i, (a, b) in enumerate(zip(got["losses"], want["losses"])):
+        if not close(a, b, b):
+            bad.append(f"loss of step {i + 1}: {a!r}, want {b!r}")
+    c, w = got["checksum"], want["checksum"]
+    for k in ("sum", "abs_sum", "weighted"):
+        if not close(c[k], w[k], w["abs_sum"]):
+            bad.append(f"checksum {k}: {c[k]!r}, want {w[k]!r}")
+    for k in ("knn_top1", "knn_top5", "knn_bank_top1"):
+        if (k in want) != (k in got) or (k in want and not close(got[k], want[k], want[k])):
+            bad.append(f"{k}: {got.get(k)!r}, want {want.get(k)!r}")
+    return bad
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    if sys.argv[1:] != ["--record"]:
+        sys.exit("usage: python tests/golden_runs.py --record   (rewrites tests/golden/presets.json)")
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = {n: run_one(n, Path(tmp) / n) for n in RUNS}
+        out.update(run_dist(DIST_RUNS, Path(tmp) / "dist"))
+        # a run stopped after 3 of the 6 steps of OLD_RUN: its directory is the old-checkpoint fixture
+        from selfsup.config import load_config
+        from selfsup.engine.trainer import train
+
+        preset, over = overrides(OLD_RUN, Path(tmp) / "old")
+        train(load_config(preset, over + ["train.max_steps=3"]))
+        shutil.rmtree(OLD_RUN_DIR, ignore_errors=True)
+        shutil.copytree(Path(tmp) / "old", OLD_RUN_DIR, ignore=shutil.ignore_patterns("tensorboard"))
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {GOLDEN}: {len(out)} runs, and {OLD_RUN_DIR}")
