@@ -41,7 +41,10 @@ demo: $(STAMP) data
 	@echo "run directory: $(RUN_DIR)"
 	@echo "report: $(RUN_DIR)/report.html (and report.md)"
 
+# The layer contract (pyproject.toml, import-linter), then the suite. The suite is hermetic: it never
+# reads the machine's datasets or the network (tests/conftest.py hides both).
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 clean:

@@ -14,10 +14,12 @@
     selfsup visualize --run RUN_DIR [--method tsne]   2-D map of the features and a
                                                       nearest-neighbour grid (PNG under RUN_DIR/eval)
     selfsup report --run RUN_DIR                      RUN_DIR/report.html and report.md
-    selfsup bench classifier|throughput|augment|data [--quick] ...   benchmarks (table + JSON)
+    selfsup bench NAME [--quick] ...                  benchmarks (table + JSON); NAME: `selfsup bench --list`
     selfsup fake-imagenet OUT [--classes 4 ...]       a small ImageNet-like set (folders + zips + maps)
 
-Every command prints its metrics as one JSON object on its last line.
+Every command prints its metrics as one JSON object on its last line. `python -m selfsup` is the
+same command. Each command imports the layers it needs when it runs, so that a bad config or option
+is reported before torch loads.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from pathlib import Path
 
 
 def _cmd_train(args) -> dict:
-    from .config import ConfigError, list_presets, load_config
-    from .engine.trainer import train
+    from .config import list_presets, load_config
+    from .errors import ConfigError
 
     if args.list:
         for name in list_presets():
@@ -40,13 +42,16 @@ def _cmd_train(args) -> dict:
         cfg_path = Path(args.resume) / "config.yaml"
         if not cfg_path.is_file():
             raise ConfigError(f"'{args.resume}' is not a run directory: {cfg_path} is missing")
-        overrides = ([args.preset] if args.preset else []) + args.overrides
-        cfg = load_config(str(cfg_path), overrides)
-        return train(cfg, resume=args.resume)
-    if not args.preset and not args.overrides:
+        cfg = load_config(str(cfg_path), ([args.preset] if args.preset else []) + args.overrides)
+    elif not args.preset and not args.overrides:
         raise ConfigError("name a preset or YAML file: `selfsup train simclr-fmnist-cpu` "
                           f"(presets: {', '.join(list_presets())})")
-    return train(load_config(args.preset, args.overrides))
+    else:
+        cfg = load_config(args.preset, args.overrides)
+    # the config is good: now load torch and the engine
+    from .engine.trainer import train
+
+    return train(cfg, resume=args.resume)
 
 
 def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None, overrides: list[str],
@@ -57,9 +62,10 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
     encoder.safetensors holds the encoder only)."""
     import torch
 
-    from .config import ConfigError, config_from_text, load_config
+    from .config import config_from_text, load_config
     from .engine.checkpoint import load_checkpoint, load_state_checked
-    from .engine.trainer import build_model
+    from .errors import ConfigError
+    from .methods import build_method
 
     if run:
         cfg = load_config(str(Path(run) / "config.yaml"), overrides)
@@ -76,7 +82,7 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
         cfg.run_dir = None
     else:
         raise ConfigError("give --run RUN_DIR, or --checkpoint FILE (with --config if it is not a selfsup checkpoint)")
-    model = build_model(cfg)
+    model = build_method(cfg)
     if checkpoint:
         load_state_checked(model, load_checkpoint(checkpoint)["model"], "model")
     else:
@@ -88,7 +94,7 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
 
 
 def _number_list(text: str, cast, option: str) -> list:
-    from .config import ConfigError
+    from .errors import ConfigError
 
     try:
         values = [cast(v) for v in text.split(",") if v.strip()]
@@ -100,17 +106,19 @@ def _number_list(text: str, cast, option: str) -> list:
 
 
 def _split_features(encoder, cfg, images, device, normalize: bool = True):
-    from .engine.trainer import autocast_dtype
-    from .eval.knn import extract_features
+    from .engine.setup import autocast_dtype
+    from .eval.features import extract_features
 
     return extract_features(encoder, images, cfg.eval.batch_size, device, cfg.data.image_size,
                             autocast_dtype(cfg, device), normalize=normalize)
 
 
 def _cmd_eval_knn(args) -> dict:
-    from .data.datasets import require_labels
-    from .engine.trainer import knn_protocol, load_eval_data, pixels, resolve_device, streams
+    from .data.images import require_labels
+    from .data.splits import load_eval_data, pixels, streams
+    from .engine.setup import resolve_device
     from .eval.knn import knn_sweep
+    from .eval.monitor import knn_protocol
 
     ks = _number_list(args.k, int, "--k") if args.k else None
     ts = _number_list(args.t, float, "--t") if args.t else None
@@ -140,7 +148,8 @@ def _eval_inputs(args, finetune: bool = False, features_only=False):
     checkpoint), else None. The datasets go to the GPU when data.on_device. A protocol that only
     needs clean features (`features_only`: a bool, or a function of the config) streams a run's
     streamed data (data.stream) from its files; the others decode the splits into memory."""
-    from .engine.trainer import autocast_dtype, load_eval_data, resolve_device, streams
+    from .data.splits import load_eval_data, streams
+    from .engine.setup import autocast_dtype, resolve_device
 
     cfg, encoder = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides)
     head = None
@@ -190,7 +199,7 @@ def _cmd_eval_finetune(args) -> dict:
 
 
 def _out_dir(cfg, out: str | None, name: str) -> Path:
-    from .config import ConfigError
+    from .errors import ConfigError
 
     if out:
         return Path(out)
@@ -200,7 +209,8 @@ def _out_dir(cfg, out: str | None, name: str) -> Path:
 
 
 def _cmd_embed(args) -> dict:
-    from .engine.trainer import load_split, resolve_device
+    from .data.splits import load_split
+    from .engine.setup import resolve_device
     from .eval.embed import export_embeddings
 
     cfg, net = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides, head=args.head)
@@ -217,9 +227,10 @@ def _cmd_embed(args) -> dict:
 def _cmd_visualize(args) -> dict:
     import torch
 
-    from .config import ConfigError
-    from .data.datasets import require_labels
-    from .engine.trainer import load_split, resolve_device
+    from .data.images import require_labels
+    from .data.splits import load_split
+    from .engine.setup import resolve_device
+    from .errors import ConfigError
     from .eval.embed import subset_indices
     from .eval.visualize import nearest_neighbours, pick_queries, plot_map, plot_neighbours, reduce_2d
 
@@ -267,27 +278,25 @@ def _cmd_fake_imagenet(args) -> dict:
 
 
 def _cmd_report(args) -> dict:
-    from .report import write_report
+    from .eval.report import write_report
 
     return write_report(args.run)
 
 
-BENCHES = {   # `selfsup bench NAME`: module selfsup.bench_NAME, whose main(argv) returns {"rows", "notes", ...}
-    "classifier": "the instance-classifier head alone (step time, peak memory; full vs sampled, one rank vs sharded)",
-    "throughput": "training step views/s, ms/step, peak memory, data share, FLOP/s: synthetic vs real pipeline",
-    "augment": "batched augmentation vs torchvision per-image pipeline in DataLoader workers (images/s)",
-    "data": "images/s of each image reader (folder, zip, cached zip; CPU / GPU decode) by number of workers",
-}
-
-
 def _cmd_bench(args) -> dict:
-    import importlib
+    from .bench import BENCHES
+    from .errors import ConfigError
 
-    bench_main = importlib.import_module(f"selfsup.bench_{args.what}").main
+    if args.list or not args.what:
+        for name, b in BENCHES.items():
+            print(f"{name:12} {b.about}")
+        return None
+    if args.what not in BENCHES:
+        raise ConfigError(f"unknown benchmark '{args.what}'. Valid: {', '.join(BENCHES)} (see `selfsup bench --list`)")
     argv = list(args.args)
     if "--out" not in argv:
         argv += ["--out", f"runs/bench/{args.what}.json"]
-    res = bench_main(argv)
+    res = BENCHES[args.what].main(argv)
     return {"rows": res["rows"], "notes": res["notes"], "out": argv[argv.index("--out") + 1]}
 
 
@@ -340,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     vi.add_argument("--neighbours", type=int, default=8, help="neighbours per query")
     vi.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/eval)")
     vi.set_defaults(fn=_cmd_visualize)
-    b = sub.add_parser("bench", help="benchmarks: print a table, write JSON")
-    b.add_argument("what", choices=tuple(BENCHES), help="; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
+    b = sub.add_parser("bench", help="benchmarks: print a table, write JSON (`selfsup bench --list`)")
+    b.add_argument("--list", action="store_true", help="list the benchmarks")
+    b.add_argument("what", nargs="?", metavar="NAME", help="the benchmark (see --list)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (--quick, --out ...; "
                    "see `selfsup bench NAME --help`)")
     b.set_defaults(fn=_cmd_bench)
@@ -361,9 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .engine.checkpoint import CheckpointError
-    from .engine.trainer import NonFiniteLossError
+    from .errors import SelfsupError
 
     args = build_parser().parse_args(argv)
     # the positional preset may have swallowed the first key=value when only overrides were given
@@ -372,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         args.preset = None
     try:
         result = args.fn(args)
-    except (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+    except (SelfsupError, FileNotFoundError, ValueError) as e:
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2
     if result is not None and os.environ.get("RANK", "0") == "0":   # one line per job, not per rank

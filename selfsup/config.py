@@ -2,10 +2,14 @@
 
 Every key has exactly one default, here. Presets (``selfsup/configs/*.yaml``) only override.
 Unknown keys anywhere (preset, YAML file or command line) are errors that list the valid keys.
+:func:`validate` checks everything that needs no data (choices, ranges, combinations, the batch
+against the number of processes), so a bad config fails in well under a second, before torch or
+any dataset is loaded. This module imports nothing of the project but :mod:`selfsup.errors`.
 """
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -13,6 +17,20 @@ from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from .errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load_config", "config_from_text", "validate", "list_presets", "to_yaml",
+           "METHODS", "DATASETS", "STREAMABLE", "BACKBONES", "DEFAULT_INDEX_CACHE"]
+
+# The names the registries of the layers above accept (methods.METHODS, data.datasets.DATASETS,
+# models.backbones.BACKBONES), listed here so that the config is checked without importing them;
+# a test keeps them equal to the registries.
+METHODS = ("instdisc", "moco", "pic", "simclr")
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "imagenet-zip", "stl10", "synthetic")
+STREAMABLE = ("imagefolder", "imagenet-zip")     # file-backed sets that data.stream can read step by step
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet_small")
+DEFAULT_INDEX_CACHE = "~/.cache/selfsup/index"
 
 
 @dataclass
@@ -30,7 +48,7 @@ class DataConfig:
     stride: int = 16384                 # sliding-window stride S (PIC ImageNet: 2^14)
     stream: Optional[bool] = None       # read images from files during training (None: yes for imagenet-zip)
     file_list: Optional[str] = None     # imagefolder: a list of "path[<TAB>label]" lines ("{split}" expands)
-    index_cache: Optional[str] = "~/.cache/selfsup/index"   # imagefolder file-index cache (null: none)
+    index_cache: Optional[str] = DEFAULT_INDEX_CACHE   # imagefolder file-index cache (null: none)
     cache_mode: str = "none"            # streamed sets: none | full (all bytes in RAM) | part (this rank's share)
     decode: str = "cpu"                 # streamed sets: cpu (PIL in workers) | device (torchvision.io on the GPU)
     prefetch: int = 4                   # batches each loader worker prepares ahead
@@ -168,10 +186,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used: unknown key, bad value, unknown preset."""
-
-
 def _preset_dir():
     return resources.files("selfsup") / "configs"
 
@@ -240,33 +254,148 @@ def _apply_overrides(cfg: DictConfig, overrides: list[str] | None) -> DictConfig
     return cfg
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check values that the type system cannot; raise ConfigError listing the valid choices."""
-    from .methods import METHODS
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "data.name": DATASETS,
+    "data.on_error": ("raise", "skip"),
+    "data.sampler": ("epoch", "sliding_window"),
+    "data.cache_mode": ("none", "full", "part"),
+    "data.decode": ("cpu", "device"),
+    "aug.preset": ("simclr", "mocov2", "mocov1"),
+    "model.backbone": BACKBONES,
+    "model.head_layers": (1, 2, 3),
+    "instdisc.loss": ("nce", "softmax"),
+    "instdisc.bank_init": ("random", "features"),
+    "train.optimizer": ("lars", "sgd", "adamw"),
+    "train.schedule": ("cosine", "constant"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "train.nonfinite": ("stop", "skip", "rollback"),
+    "eval.linear_mode": ("features", "augment"),
+    "eval.linear_schedule": (None, "cosine", "step"),
+}
 
+# key -> (test, what it must be); None values are allowed where the key is Optional
+RANGES = {
+    "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.prefetch": (lambda v: v >= 1, ">= 1"),
+    "data.image_size": (lambda v: v >= 1, ">= 1 (pixels)"),
+    "data.window": (lambda v: v >= 1, ">= 1"),
+    "data.stride": (lambda v: v >= 1, ">= 1"),
+    "aug.strength": (lambda v: v >= 0, ">= 0"),
+    "aug.jitter_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "aug.gray_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "aug.solarize_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "aug.crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "a pair [lo, hi] with 0 < lo <= hi <= 1"),
+    "model.width": (lambda v: v >= 1, ">= 1"),
+    "model.head_hidden": (lambda v: v >= 1, ">= 1"),
+    "model.proj_dim": (lambda v: v >= 1, ">= 1"),
+    "simclr.temperature": (lambda v: v > 0, "> 0"),
+    "moco.queue_size": (lambda v: v >= 1, ">= 1"),
+    "moco.momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "moco.temperature": (lambda v: v > 0, "> 0"),
+    "moco.bn_splits": (lambda v: v >= 1, ">= 1"),
+    "instdisc.nce_k": (lambda v: v >= 1, ">= 1"),
+    "instdisc.temperature": (lambda v: v > 0, "> 0"),
+    "instdisc.bank_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "pic.temperature": (lambda v: v > 0, "> 0"),
+    "pic.chunk_size": (lambda v: v >= 1, ">= 1"),
+    "pic.negatives": (lambda v: v >= 0, ">= 0 (0: full softmax)"),
+    "pic.small_crops": (lambda v: v >= 0, ">= 0"),
+    "pic.small_size": (lambda v: v >= 1, ">= 1 (pixels)"),
+    "pic.small_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "a pair [lo, hi] with 0 < lo <= hi <= 1"),
+    "pic.large_size": (lambda v: v >= 1, ">= 1 (pixels)"),
+    "pic.row_lr_scale": (lambda v: v >= 0, ">= 0"),
+    "pic.smooth_alpha": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "pic.smooth_k": (lambda v: v >= 0, ">= 0"),
+    "train.max_steps": (lambda v: v >= 0, ">= 0 (0: evaluate the untrained network)"),
+    "train.batch_size": (lambda v: v >= 2, ">= 2 (contrastive losses need negatives)"),
+    "train.lr": (lambda v: v > 0, "> 0"),
+    "train.base_lr": (lambda v: v > 0, "> 0"),
+    "train.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "train.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "train.warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "train.checkpoint_every": (lambda v: v >= 1, ">= 1 (steps)"),
+    "train.log_every": (lambda v: v >= 1, ">= 1 (steps)"),
+    "train.threads": (lambda v: v >= 1, ">= 1"),
+    "train.nonfinite_lr_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.nonfinite_max": (lambda v: v >= 0, ">= 0"),
+    "eval.every": (lambda v: v >= 0, ">= 0 (epochs; 0 turns the kNN monitor off)"),
+    "eval.knn_k": (lambda v: v >= 1, ">= 1"),
+    "eval.knn_temperature": (lambda v: v > 0, "> 0"),
+    "eval.batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval.aug_crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "a pair [lo, hi] with 0 < lo <= hi <= 1"),
+    "eval.linear_epochs": (lambda v: v >= 1, ">= 1"),
+    "eval.linear_lr": (lambda v: v > 0, "> 0"),
+    "eval.linear_batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval.linear_weight_decay": (lambda v: v >= 0, ">= 0"),
+    "eval.logreg_l2_range": (lambda v: len(v) == 2 and 0 < v[0] <= v[1], "a pair [lo, hi] with 0 < lo <= hi"),
+    "eval.logreg_l2_count": (lambda v: v >= 1, ">= 1"),
+    "eval.logreg_val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "eval.logreg_max_iter": (lambda v: v >= 1, ">= 1"),
+    "eval.finetune_fractions": (lambda v: len(v) >= 1 and all(0 < f <= 1 for f in v), "fractions in (0, 1]"),
+    "eval.finetune_epochs": (lambda v: v >= 1, ">= 1"),
+    "eval.finetune_lr": (lambda v: v > 0, "> 0"),
+    "eval.finetune_batch_size": (lambda v: v >= 2, ">= 2 (BN in training mode)"),
+    "eval.finetune_from_head_layer": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def _world_size() -> int:
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def validate(cfg: DictConfig, world: int | None = None) -> None:
+    """Check every value and combination that needs no data; raise ConfigError naming the key, the
+    valid choices and the fix. `world`: the number of processes (default: torchrun's WORLD_SIZE)."""
     if cfg.method not in METHODS:
-        raise ConfigError(f"unknown method '{cfg.method}'. Valid methods: {', '.join(sorted(METHODS))}")
-    choices = {
-        "device": ("auto", "cpu", "cuda"),
-        "train.optimizer": ("lars", "sgd", "adamw"),
-        "train.schedule": ("cosine", "constant"),
-        "train.precision": ("auto", "bf16", "fp32"),
-        "data.on_error": ("raise", "skip"),
-        "instdisc.loss": ("nce", "softmax"),
-        "instdisc.bank_init": ("random", "features"),
-        "data.sampler": ("epoch", "sliding_window"),
-        "data.cache_mode": ("none", "full", "part"),
-        "data.decode": ("cpu", "device"),
-        "train.nonfinite": ("stop", "skip", "rollback"),
-    }
-    for key, valid in choices.items():
+        raise ConfigError(f"unknown method '{cfg.method}'. Valid methods: {', '.join(METHODS)}")
+    for key, valid in CHOICES.items():
         value = OmegaConf.select(cfg, key)
+        if key == "data.name":   # the dataset registry also takes Fashion_MNIST for fashion-mnist
+            value = str(value).lower().replace("_", "-")
         if value not in valid:
-            raise ConfigError(f"{key}={value!r} is not valid. Choose one of: {', '.join(valid)}")
-    if cfg.train.batch_size < 2:
-        raise ConfigError("train.batch_size must be at least 2 (contrastive losses need negatives)")
-    if cfg.train.epochs < 1 and cfg.train.max_steps is None:
+            raise ConfigError(f"{key}={value!r} is not valid. Choose one of: {', '.join(map(str, valid))}")
+    for key, (ok, what) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value!r} is not valid: it must be {what}")
+    t, d, p = cfg.train, cfg.data, cfg.pic
+    if t.epochs < 1 and t.max_steps is None:
         raise ConfigError("train.epochs must be >= 1 (or set train.max_steps)")
+    world = _world_size() if world is None else world
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the number of processes {world}: "
+                          "choose a multiple of it (train.batch_size is the global batch)")
+    _validate_data(d)
+    if d.sampler == "sliding_window" and d.window < d.stride:
+        raise ConfigError(f"data.window={d.window} is smaller than data.stride={d.stride}: some images would never "
+                          "be served")
+    if p.smooth_alpha > 0 and p.smooth_k == 0:
+        raise ConfigError("pic.smooth_alpha > 0 needs pic.smooth_k > 0 (the number of hard classes)")
+    if cfg.eval.train_split == cfg.eval.test_split:
+        raise ConfigError(f"eval.train_split and eval.test_split are both '{cfg.eval.test_split}': the kNN memory "
+                          "and the labelled subsets must come from a split disjoint from the test split")
+
+
+def uses_stream(d) -> bool:
+    """Whether training reads `d` (the data section) from its files step by step: data.stream, whose
+    default (null) means yes for imagenet-zip only."""
+    return bool(d.stream if d.stream is not None else d.name == "imagenet-zip")
+
+
+def _validate_data(d) -> None:
+    stream = uses_stream(d)
+    if stream and d.name not in STREAMABLE:
+        raise ConfigError(f"data.stream=true works for {', '.join(STREAMABLE)}, not data.name={d.name} "
+                          "(it is held in memory; leave data.stream unset)")
+    if stream and not d.image_size:
+        raise ConfigError(f"streamed data ({d.name}) needs data.image_size (e.g. 224): its images differ in size")
+    if d.cache_mode != "none" and not stream:
+        raise ConfigError(f"data.cache_mode={d.cache_mode} is for streamed data (data.stream=true); "
+                          f"{d.name} is already held in memory")
 
 
 def to_yaml(cfg: DictConfig) -> str:

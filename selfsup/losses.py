@@ -1,10 +1,9 @@
-"""Contrastive losses.
+"""Contrastive losses: equations only.
 
-The numerical core (:func:`nt_xent_local`) is a pure function of its inputs;
-:func:`nt_xent` adds the cross-rank gathering of candidates when running under
-``torch.distributed``.  :func:`info_nce` (MoCo), :func:`nce_loss`,
-:func:`nce_normalizer` and :func:`instance_softmax` (InstDisc) are pure
-functions: no state, no distributed calls.
+Every function here is pure: no state, no ``torch.distributed``. A method that draws its
+negatives from every rank gathers them itself and passes them in (SimCLR:
+:func:`nt_xent_local` with the gathered candidates). Each loss runs in float32 (float64 for
+float64 inputs) with autocast off, whatever the precision of the network.
 """
 
 from __future__ import annotations
@@ -15,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfsup.parallel.distributed import all_gather_with_grad, is_dist, rank, world_size
+__all__ = ["nt_xent", "nt_xent_local", "info_nce", "nce_loss", "nce_normalizer", "instance_softmax",
+           "compute_dtype"]
 
-__all__ = ["nt_xent", "nt_xent_local", "info_nce", "nce_loss", "nce_normalizer", "instance_softmax"]
 
-
-def _compute_dtype(*xs: Tensor) -> torch.dtype:
+def compute_dtype(*xs: Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half/bfloat16 are upcast)."""
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
@@ -56,11 +54,12 @@ def nt_xent_local(
     if z1.dim() != 2 or z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must be (B, D) of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if z1_all.shape != z2_all.shape or z1_all.shape[1:] != z1.shape[1:]:
-        raise ValueError(f"bad candidate shapes {tuple(z1_all.shape)}, {tuple(z2_all.shape)} for anchors {tuple(z1.shape)}")
+        raise ValueError(f"bad candidate shapes {tuple(z1_all.shape)}, {tuple(z2_all.shape)} for anchors "
+                         f"{tuple(z1.shape)}")
     b, n = z1.shape[0], z1_all.shape[0]
     if not 0 <= offset <= n - b:
         raise ValueError(f"offset {offset} out of range for B={b}, N={n}")
-    dtype = _compute_dtype(z1, z2, z1_all, z2_all)
+    dtype = compute_dtype(z1, z2, z1_all, z2_all)
     with torch.autocast(device_type=z1.device.type, enabled=False):
         anchors = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)  # (2B, D)
         cands = F.normalize(torch.cat([z1_all, z2_all]).to(dtype), dim=1)  # (2N, D)
@@ -74,7 +73,7 @@ def nt_xent_local(
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
-    """NT-Xent (normalised temperature-scaled cross entropy) loss of SimCLR.
+    """NT-Xent (normalised temperature-scaled cross entropy) loss of SimCLR on one batch.
 
     Args:
         z1, z2: ``(B, D)`` projections of two views; row ``i`` of each forms a
@@ -84,17 +83,11 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
         temperature: softmax temperature.
 
     Returns:
-        Scalar mean loss over the ``2B`` anchors (see :func:`nt_xent_local`).
-        Under ``torch.distributed`` with ``world > 1`` the candidates
-        (negatives) are gathered from all ranks with
-        :func:`~selfsup.parallel.distributed.all_gather_with_grad`
-        (``B`` must be equal on all ranks); the anchors are this rank's ``2B``
-        and the value is the mean over these local anchors.  With DDP's
-        gradient averaging this yields the gradient of the global mean loss.
+        Scalar mean loss over the ``2B`` anchors, each against the other
+        ``2B - 1`` embeddings (:func:`nt_xent_local` with the batch as its own
+        candidate set).  Under data parallelism the method passes the
+        candidates of every rank to :func:`nt_xent_local` instead.
     """
-    if is_dist() and world_size() > 1:
-        z1_all, z2_all = all_gather_with_grad(z1), all_gather_with_grad(z2)
-        return nt_xent_local(z1, z2, z1_all, z2_all, rank() * z1.shape[0], temperature)
     return nt_xent_local(z1, z2, z1, z2, 0, temperature)
 
 
@@ -115,7 +108,7 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.1) -> T
     """
     if q.dim() != 2 or q.shape != k.shape or queue.dim() != 2 or queue.shape[1] != q.shape[1]:
         raise ValueError(f"bad shapes q {tuple(q.shape)}, k {tuple(k.shape)}, queue {tuple(queue.shape)}")
-    dtype = _compute_dtype(q, k, queue)
+    dtype = compute_dtype(q, k, queue)
     with torch.autocast(device_type=q.device.type, enabled=False):
         q = F.normalize(q.to(dtype), dim=1)
         k = F.normalize(k.to(dtype), dim=1)
@@ -145,7 +138,7 @@ def nce_normalizer(f: Tensor, bank_pos: Tensor, bank_noise: Tensor, temperature:
     Shapes as in :func:`nce_loss`; ``f`` is L2-normalised here.  Returns a
     detached scalar (float32, float64 for float64 inputs).
     """
-    dtype = _compute_dtype(f, bank_pos, bank_noise)
+    dtype = compute_dtype(f, bank_pos, bank_noise)
     with torch.no_grad(), torch.autocast(device_type=f.device.type, enabled=False):
         f = F.normalize(f.to(dtype), dim=1)
         pos, noise = _nce_scores(f, bank_pos.to(dtype), bank_noise.to(dtype), temperature)
@@ -178,7 +171,7 @@ def nce_loss(f: Tensor, bank_pos: Tensor, bank_noise: Tensor, Z, temperature: fl
     if f.dim() != 2 or bank_pos.shape != f.shape or bank_noise.shape[-1] != f.shape[1]:
         raise ValueError(f"bad shapes f {tuple(f.shape)}, bank_pos {tuple(bank_pos.shape)}, "
                          f"bank_noise {tuple(bank_noise.shape)}")
-    dtype = _compute_dtype(f, bank_pos, bank_noise)
+    dtype = compute_dtype(f, bank_pos, bank_noise)
     with torch.autocast(device_type=f.device.type, enabled=False):
         f = F.normalize(f.to(dtype), dim=1)
         pos, noise = _nce_scores(f, bank_pos.to(dtype), bank_noise.to(dtype), temperature)
@@ -203,7 +196,7 @@ def instance_softmax(f: Tensor, bank: Tensor, index: Tensor, temperature: float 
         Scalar ``cross_entropy(f @ bank.T / t, index)`` (mean over B), float32
         (float64 for float64 inputs), autocast disabled.
     """
-    dtype = _compute_dtype(f, bank)
+    dtype = compute_dtype(f, bank)
     with torch.autocast(device_type=f.device.type, enabled=False):
         f = F.normalize(f.to(dtype), dim=1)
         return F.cross_entropy(f @ bank.to(dtype).T / temperature, index)

@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,29 @@ from selfsup.engine.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)   # deterministic and fair on a 2-core CI machine
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Hermetic: the suite never reads the machine's datasets or the network, so a green run here is a
+# green run on a machine where Fashion-MNIST was never installed. The loader searches no system folder
+# (inherited by the suite's subprocesses), and this process refuses to open anything under the system
+# data folder or to reach a non-local address (an audit hook: it sees every `open` and `connect`).
+SYSTEM_DATA = "/usr/share/datasets"
+os.environ["SELFSUP_SYSTEM_DATA"] = ""
+os.environ.pop("SELFSUP_DATA", None)
+LOCAL_HOSTS = {None, "", "localhost", "127.0.0.1", "::1", "0.0.0.0"}
+
+
+def _hermetic(event: str, args: tuple) -> None:
+    if event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.fsdecode(args[0])
+        if os.path.abspath(path).startswith(SYSTEM_DATA):
+            raise PermissionError(f"the test suite must not read the machine's datasets ({path})")
+    elif event == "socket.connect" and isinstance(args[1], tuple) and args[1][0] not in LOCAL_HOSTS:
+        raise PermissionError(f"the test suite must not use the network ({args[1]})")
+    elif event == "socket.getaddrinfo" and args[0] not in LOCAL_HOSTS:
+        raise PermissionError(f"the test suite must not use the network (lookup of {args[0]})")
+
+
+sys.addaudithook(_hermetic)
 
 
 # A tiny SimCLR config on synthetic data that trains in seconds on one CPU core.

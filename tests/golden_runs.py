@@ -4,9 +4,10 @@ Each entry trains a shipped preset for 6 steps on the procedural synthetic set a
 ResNet, one CPU thread) and records the loss of every step, the final kNN monitor result and a
 checksum of the final model state (parameters and buffers: queues, banks, classifier rows).
 `tests/golden/presets.json` was written by the code before the redesign
-(`python tests/golden_runs.py --record`); `test_golden.py` checks that the code of today gives the
-same numbers to 1e-6 relative. Re-record only for a change that is meant to change numbers, and say
-so in its commit.
+(`python tests/golden_runs.py --record` at commit 088558c; the `pic-imagenet-stream` entry, added
+later, was recorded by that same commit's code); `tests/engine/test_golden.py` checks that the code
+of today gives the same numbers to 1e-6 relative. Re-record only for a change that is meant to change
+numbers, and say so in its commit.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ SMALL = ["device=cpu", "seed=0", "data.name=synthetic", "model.width=8", "model.
          "train.batch_size=32", "train.max_steps=6", "train.log_every=1", "train.threads=1", "eval.every=1",
          "eval.knn_k=20", "eval.batch_size=256"]
 WINDOW = ["data.window=512", "data.stride=128"]
+# pic-imagenet, shrunk: a zip streamed by the loader (crops cut while decoding), multi-crop
+STREAM = ["data.name=imagenet-zip", "model.backbone=resnet_small", "data.image_size=48", "pic.large_size=32",
+          "pic.small_size=16", "pic.small_crops=2", "train.batch_size=12", "data.window=24", "data.stride=12",
+          "data.num_workers=0", "eval.knn_k=10", "eval.batch_size=16"]
 
 # name -> (preset, overrides): every method preset, and the options the presets leave off
 RUNS = {
@@ -41,6 +46,7 @@ RUNS = {
     "millionway": ("millionway-fmnist-cpu", WINDOW),
     "millionway-sampled": ("millionway-fmnist-cpu", WINDOW + ["pic.negatives=256"]),
     "simclr-lars-guarded": ("simclr-fmnist-cpu", ["train.optimizer=lars", "train.nonfinite=skip"]),
+    "pic-imagenet-stream": ("pic-imagenet", STREAM),   # data.root: a fake ImageNet written next to the run
 }
 # the same under two gloo processes (one process group, run one after the other)
 DIST_RUNS = {
@@ -52,6 +58,13 @@ DIST_RUNS = {
 
 def overrides(name: str, run_dir) -> tuple[str, list[str]]:
     preset, extra = {**RUNS, **DIST_RUNS}[name]
+    if "data.name=imagenet-zip" in extra:
+        from selfsup.data.fake import make_fake_imagenet
+
+        root = Path(run_dir).parent / "fake-imagenet"
+        if not root.exists():
+            make_fake_imagenet(str(root), classes=3, train_per_class=12, val_per_class=4, min_size=40, max_size=90)
+        extra = extra + [f"data.root={root}"]
     return preset, SMALL + extra + [f"run_dir={run_dir}"]
 
 

@@ -22,6 +22,7 @@ def test_list_presets(capsys):
     (["train", "simclr-fmnist-cpu", "method=byol"], "Valid methods"),
     (["train", "--resume", "/nonexistent/run"], "not a run directory"),
     (["eval", "knn", "--run", "/nonexistent/run"], "does not exist"),
+    (["bench", "nope"], "Valid: classifier, throughput, augment, data"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, needle, capsys):
     assert main(argv) == 2
@@ -46,3 +47,10 @@ def test_train_then_eval_knn(tmp_path, capsys):
     assert "k=20" in res["protocol"]
     assert main(["eval", "knn", "--checkpoint", str(run / "checkpoints/last.pt"), "eval.knn_k=5"]) == 0
     assert "k=5" in last_json(capsys)["protocol"]
+
+
+def test_bench_list_reads_the_registry(capsys):
+    from selfsup.bench import BENCHES
+
+    assert main(["bench", "--list"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == list(BENCHES)

@@ -51,3 +51,45 @@ def test_yaml_file(tmp_path):
         load_config(str(p))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_the_configs_names_are_the_registries():
+    """config.validate checks names without importing the layers above it: its lists must be theirs."""
+    from selfsup import config
+    from selfsup.data.datasets import DATASETS
+    from selfsup.methods import METHODS
+    from selfsup.models.backbones import BACKBONES
+
+    assert sorted(config.METHODS) == sorted(METHODS)
+    assert sorted(config.DATASETS) == sorted(DATASETS)
+    assert sorted(config.BACKBONES) == sorted(BACKBONES)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.backbone=resnet9", "resnet_small"),           # names of the registries
+    ("data.name=imagenet", "fashion-mnist"),
+    ("aug.preset=byol", "mocov2"),
+    ("model.head_layers=4", "model.head_layers"),
+    ("train.threads=-1", "train.threads"),                 # ranges
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("moco.queue_size=0", "moco.queue_size"),
+    ("pic.smooth_alpha=1.5", "pic.smooth_alpha"),
+    ("pic.smooth_alpha=0.2", "pic.smooth_k > 0"),          # combinations
+    ("data.sampler=sliding_window", "data.window"),
+    ("eval.linear_mode=online", "features"),
+])
+def test_every_check_that_needs_no_data_runs_with_the_config(override, needle):
+    extra = ["data.window=64", "data.stride=128"] if override.startswith("data.sampler") else []
+    with pytest.raises(ConfigError, match=needle):
+        load_config("simclr-fmnist-cpu", [override, *extra])
+
+
+def test_the_batch_is_checked_against_the_number_of_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")   # as torchrun sets it
+    with pytest.raises(ConfigError, match="divisible by the number of processes 3"):
+        load_config("simclr-fmnist-cpu")
+    monkeypatch.delenv("WORLD_SIZE")
+    from selfsup.config import validate
+
+    with pytest.raises(ConfigError, match="divisible"):
+        validate(load_config("simclr-fmnist-cpu"), world=5)

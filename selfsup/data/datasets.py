@@ -14,17 +14,20 @@ Usage::
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import math
 import os
 import pickle
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..config import DEFAULT_INDEX_CACHE
+from ..errors import DatasetFormatError, DatasetNotFoundError
+from .files import open_imagefolder, open_imagenet_zip
+from .images import IMAGE_EXTENSIONS, ImageDataset, require_labels
 
 __all__ = [
     "ImageDataset",
@@ -37,14 +40,23 @@ __all__ = [
     "CIFAR10_CLASSES",
     "STL10_CLASSES",
     "IMAGE_EXTENSIONS",
+    "require_labels",
 ]
 
-# Where `apt-get install dataset-fashion-mnist` puts the files (monkeypatchable).
-SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-# System-wide base folder searched for the other datasets (monkeypatchable).
-SYSTEM_DATA_DIR = "/usr/share/datasets"
-# Environment variable naming an extra base folder to search.
+# Environment variable naming an extra base folder to search (before the system folder).
 DATA_ENV_VAR = "SELFSUP_DATA"
+# The system-wide folder searched last (`apt-get install dataset-fashion-mnist` puts its files in
+# DEFAULT_SYSTEM_DATA/fashion-mnist); $SELFSUP_SYSTEM_DATA replaces it, and set to "" turns it off
+# (the test suite does, so it never reads the machine's data).
+SYSTEM_DATA_ENV_VAR = "SELFSUP_SYSTEM_DATA"
+DEFAULT_SYSTEM_DATA = "/usr/share/datasets"
+
+
+def system_dirs(*parts: str) -> list[str]:
+    """[the system data folder joined with `parts`], or [] when $SELFSUP_SYSTEM_DATA is empty."""
+    base = os.environ.get(SYSTEM_DATA_ENV_VAR, DEFAULT_SYSTEM_DATA)
+    return [os.path.join(base, *parts)] if base else []
+
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -58,75 +70,6 @@ STL10_CLASSES = [
     "airplane", "bird", "car", "cat", "deer",
     "dog", "horse", "monkey", "ship", "truck",
 ]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset files were not found; the message lists every path tried."""
-
-
-class DatasetFormatError(ValueError):
-    """A dataset file exists but is corrupt or in the wrong format; names the file."""
-
-
-# --------------------------------------------------------------------------- #
-# Dataset container
-# --------------------------------------------------------------------------- #
-@dataclass
-class ImageDataset(torch.utils.data.Dataset):
-    """A whole dataset held in memory.
-
-    Attributes:
-        images: uint8 tensor (N, C, H, W), C in {1, 3}.
-        labels: int64 tensor (N,); -1 for unlabelled items.
-        classes: class names, index = label ([] if unlabelled).
-        name: dataset name, e.g. "cifar10/train".
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-    name: str
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] not in (1, 3):
-            raise ValueError(
-                f"{self.name}: images must be uint8 (N, C, H, W) with C in (1, 3), "
-                f"got {self.images.dtype} {tuple(self.images.shape)}"
-            )
-        self.labels = self.labels.to(torch.int64)
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
-                f"{self.name}: labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}"
-            )
-
-    def __len__(self) -> int:
-        """Number of images N."""
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        """Return (image uint8 (C, H, W), label int (-1 if unlabelled), instance index i)."""
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        return self.images[i], int(self.labels[i]), i
-
-    def to(self, device: torch.device | str) -> "ImageDataset":
-        """Return a copy whose images and labels live on `device`."""
-        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device))
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (0 for an unlabelled dataset)."""
-        return len(self.classes)
-
-    def __repr__(self) -> str:
-        return (
-            f"ImageDataset(name={self.name!r}, images={tuple(self.images.shape)}, "
-            f"num_classes={self.num_classes}, device={self.images.device})"
-        )
-
-
 # --------------------------------------------------------------------------- #
 # Registry
 # --------------------------------------------------------------------------- #
@@ -147,15 +90,6 @@ def register_dataset(name: str, splits: tuple[str, ...] = ("train", "test")) -> 
         return fn
 
     return decorator
-
-
-def require_labels(ds: ImageDataset, split: str, what: str) -> None:
-    """ConfigError unless every item of `ds` (split `split`) has a label; `what` names the user."""
-    from ..config import ConfigError
-
-    if ds.num_classes == 0 or (ds.labels < 0).any():
-        raise ConfigError(f"split '{split}' ({ds.name}) has no labels (unlabelled items, label -1): {what} "
-                          "needs a labelled split (set eval.train_split / eval.test_split)")
 
 
 def build_dataset(
@@ -337,7 +271,7 @@ def load_fashion_mnist(split: str, root: str | None = None, download: bool = Fal
     """Fashion-MNIST from idx(.gz) files. Returns images uint8 (N, 1, 28, 28), labels 0..9."""
     img_base, lbl_base = _FMNIST_FILES[split]
     subdirs = [os.path.join("FashionMNIST", "raw"), "fashion-mnist"]
-    dirs = _candidate_dirs(root, subdirs, [SYSTEM_FASHION_MNIST])
+    dirs = _candidate_dirs(root, subdirs, system_dirs("fashion-mnist"))
     found, extra = None, ""
     for d in dirs:
         ip, lp = _find_idx(d, img_base), _find_idx(d, lbl_base)
@@ -358,7 +292,7 @@ def load_fashion_mnist(split: str, root: str | None = None, download: bool = Fal
             f"Fashion-MNIST {split} split",
             [img_base + "[.gz]", lbl_base + "[.gz]"],
             dirs,
-            _FMNIST_HINT.format(system=SYSTEM_FASHION_MNIST),
+            _FMNIST_HINT.format(system=os.path.join(DEFAULT_SYSTEM_DATA, "fashion-mnist")),
             extra,
         )
     ip, lp = found
@@ -399,8 +333,7 @@ def _load_cifar(split: str, root: str | None, download: bool, image_size: int | 
                 meta_file: str, label_key: str, names_key: str, tv_class: str,
                 default_classes: list[str] | None) -> ImageDataset:
     files = train_files if split == "train" else test_files
-    dirs = _candidate_dirs(root, [folder], [os.path.join(SYSTEM_DATA_DIR, folder),
-                                            os.path.join(SYSTEM_DATA_DIR, name, folder)])
+    dirs = _candidate_dirs(root, [folder], system_dirs(folder) + system_dirs(name, folder))
     found = next((d for d in dirs if all(os.path.isfile(os.path.join(d, f)) for f in files)), None)
     extra = ""
     if found is None and download:
@@ -499,8 +432,7 @@ def load_stl10(split: str, root: str | None = None, download: bool = False,
     """STL-10 from root/stl10_binary (or root itself). Images uint8 (N, 3, 96, 96); labels 0..9, -1 unlabelled."""
     parts = split.split("+")
     needed = [f for p in parts for f in _STL_FILES[p] if f]
-    dirs = _candidate_dirs(root, ["stl10_binary"], [os.path.join(SYSTEM_DATA_DIR, "stl10_binary"),
-                                                   os.path.join(SYSTEM_DATA_DIR, "stl10", "stl10_binary")])
+    dirs = _candidate_dirs(root, ["stl10_binary"], system_dirs("stl10_binary") + system_dirs("stl10", "stl10_binary"))
     found = next((d for d in dirs if all(os.path.isfile(os.path.join(d, f)) for f in needed)), None)
     extra = ""
     if found is None and download:
@@ -550,7 +482,7 @@ def load_stl10(split: str, root: str | None = None, download: bool = False,
 def load_imagefolder(split: str, root: str | None = None, download: bool = False,
                      image_size: int | None = None, on_error: str = "raise",
                      num_workers: int | None = None, file_list: str | None = None,
-                     index_cache: str | None = "~/.cache/selfsup/index") -> ImageDataset:
+                     index_cache: str | None = DEFAULT_INDEX_CACHE) -> ImageDataset:
     """Images from a folder, decoded into memory. Returns images uint8 (N, 3, H, W), H = W = image_size if given.
 
     The split folder is root/<split> (test also accepts root/val); for "train"
@@ -561,8 +493,6 @@ def load_imagefolder(split: str, root: str | None = None, download: bool = False
     replaced by the split) lists "path[<TAB>label]" lines instead. The file index
     is cached in `index_cache` (see selfsup.data.files).
     """
-    from .files import open_imagefolder
-
     return open_imagefolder(root, split, file_list, index_cache).to_memory(image_size, on_error, num_workers)
 
 
@@ -573,8 +503,6 @@ def load_imagenet_zip(split: str, root: str | None = None, download: bool = Fals
     """ImageNet in PIC's zip layout (root/train.zip + train_map.txt, root/val.zip + val_map.txt; the
     test split reads val), decoded into memory: images uint8 (N, 3, image_size, image_size). Large sets
     stream instead (data.stream=true, the default for imagenet-zip in training)."""
-    from .files import open_imagenet_zip
-
     return open_imagenet_zip(root, split).to_memory(image_size, on_error, num_workers)
 
 

@@ -31,14 +31,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .datasets import IMAGE_EXTENSIONS, DatasetFormatError, DatasetNotFoundError, ImageDataset
+from ..config import DEFAULT_INDEX_CACHE
+from ..errors import DatasetFormatError, DatasetNotFoundError
+from .images import IMAGE_EXTENSIONS, ImageDataset
 
 __all__ = ["FileImageSet", "FolderStore", "ZipStore", "index_folder", "read_file_list", "read_map",
            "open_imagefolder", "open_imagenet_zip", "decode_bytes", "CACHE_MODES"]
 
 INDEX_VERSION = 1
 CACHE_MODES = ("none", "full", "part")
-DEFAULT_INDEX_CACHE = "~/.cache/selfsup/index"
 
 
 def _is_image(fname: str) -> bool:

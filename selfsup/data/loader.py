@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DatasetFormatError
 from .augment import central_crop_size
-from .datasets import DatasetFormatError
 from .files import FileImageSet, decode_bytes, load_rgb
-from .samplers import _derive_seed
+from .samplers import derive_seed
 
 __all__ = ["crop_box", "ViewReader", "StreamLoader", "clean_batches", "decode_on_device", "DECODE_MODES"]
 
@@ -160,7 +160,7 @@ class _StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, self.total):
             idx = self.schedule.next_batch(self.rank, self.world).tolist()
             pos0 = self.rank * b
-            yield [(i, _derive_seed(self.seed, _CROP_STREAM, step * self.schedule.batch_size + pos0 + j))
+            yield [(i, derive_seed(self.seed, _CROP_STREAM, step * self.schedule.batch_size + pos0 + j))
                    for j, i in enumerate(idx)]
 
 

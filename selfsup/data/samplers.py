@@ -49,12 +49,13 @@ __all__ = [
     "PartitionedSchedule",
     "rank_slice",
     "build_index_schedule",
+    "derive_seed",
 ]
 
 _MASK64 = (1 << 64) - 1
 
 
-def _derive_seed(seed: int, stream: int, i: int) -> int:
+def derive_seed(seed: int, stream: int, i: int) -> int:
     """A 63-bit seed from (seed, stream, i) (splitmix64-style mixing), so that independent
     random draws (one per pass, one per window) never share a generator state."""
     x = (int(seed) * 0x9E3779B97F4A7C15 + int(stream) * 0xBF58476D1CE4E5B9 + int(i)) & _MASK64
@@ -272,7 +273,7 @@ class SlidingWindowSampler(IndexSchedule):
     def permutation(self, pass_index: int) -> torch.Tensor:
         """The permutation of the N indices used by pass ``pass_index``."""
         if self._perm_pass != pass_index:
-            g = _generator(_derive_seed(self.seed, self._PERM_STREAM, pass_index))
+            g = _generator(derive_seed(self.seed, self._PERM_STREAM, pass_index))
             self._perm, self._perm_pass = torch.randperm(self.n, generator=g), pass_index
         return self._perm
 
@@ -289,7 +290,7 @@ class SlidingWindowSampler(IndexSchedule):
                 self.start -= self.n
                 self.pass_index += 1
         content = self.window_indices(self.pass_index, self.start)
-        g = _generator(_derive_seed(self.seed, self._WINDOW_STREAM, self.windows_made))
+        g = _generator(derive_seed(self.seed, self._WINDOW_STREAM, self.windows_made))
         order = content[torch.randperm(self.window, generator=g)]
         head = self.batch_size - len(taken)
         if len(taken) and head > 0:

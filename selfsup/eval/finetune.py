@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
 from ..data.augment import crop_flip_augment, eval_transform
-from ..data.datasets import require_labels
-from .knn import extract_features
+from ..data.images import require_labels
+from ..errors import ConfigError
+from .features import extract_features
 from .linear import new_classifier, sgd_with_schedule, topk_accuracy
 
 

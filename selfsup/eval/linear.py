@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
 from ..data.augment import crop_flip_augment
-from ..data.datasets import require_labels
+from ..data.images import require_labels
+from ..errors import ConfigError
 from ..optim import warmup_cosine
-from .knn import extract_features
+from .features import extract_features
 
 MODES = ("features", "augment")
 SCHEDULES = ("cosine", "step")

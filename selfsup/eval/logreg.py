@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import ConfigError
-from ..data.datasets import require_labels
-from .knn import extract_features
+from ..data.images import require_labels
+from ..errors import ConfigError
+from .features import extract_features
 from .linear import standardize_features, topk_accuracy
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 METHODS_2D = ("tsne", "umap", "pca")
 

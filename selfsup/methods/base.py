@@ -1,13 +1,29 @@
-"""What every method shares: an encoder f, a projection head g, and the hooks the trainer calls.
+"""What every method shares: an encoder f, a projection head g, and the hooks the engine calls.
 
 A method owns only what differs between methods: its extra state, its loss (`forward`), and its
-after-step hook. The trainer knows nothing of any one method.
+after-step hook. The engine knows nothing of any one method. A method reads its settings from the
+config once, when it is built, and keeps them as attributes.
+
+The hooks, in the order the engine calls them:
+
+* ``setup(N)`` once, then ``init_from_data(encode)`` on a fresh start (not on resume);
+* each step: ``make_views`` -> ``forward(views, index)`` -> backward -> the engine's optimiser
+  step -> ``optimizer_step(lr)`` -> ``after_step()``; a step dropped by the non-finite guard calls
+  ``discard_step()`` instead of the last three;
+* checkpoints: ``gather_sharded_state`` (collective) when ``ddp_ignored()`` is not empty;
+* the kNN monitor: ``encoder`` and ``monitor_bank()``.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 from torch import Tensor, nn
 
 from ..models.heads import projection_head
+
+# encode(net, train_bn=False) -> (N, D) unit-norm features of the training images in dataset order,
+# clean (test-transform) views, computed by the engine: what a method needs to start from its data
+Encode = Callable[..., Tensor]
 
 
 class Method(nn.Module):
@@ -21,7 +37,6 @@ class Method(nn.Module):
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__()
-        self.cfg = cfg
         self.backbone = backbone
         self.feat_dim = feat_dim
         m = cfg.model
@@ -36,11 +51,16 @@ class Method(nn.Module):
         return self.backbone
 
     def setup(self, num_samples: int) -> None:
-        """Called by the trainer once, before the optimiser is built, with the training set's size
+        """Called by the engine once, before the optimiser is built, with the training set's size
         N (methods with per-instance state size it here). No-op by default."""
 
+    def init_from_data(self, encode: Encode) -> None:
+        """Called on a fresh start (not on resume), after `setup` and the move to the device, with
+        `encode(net, train_bn=False)`: the unit-norm features of the training images under `net`.
+        For state that starts from the data. No-op by default."""
+
     def view_augs(self, aug) -> list:
-        """The augmentation of each of the `n_views` views: the trainer's `aug` for every view by
+        """The augmentation of each of the `n_views` views: the engine's `aug` for every view by
         default; multi-crop methods override this."""
         return [aug] * self.n_views
 
@@ -55,15 +75,19 @@ class Method(nn.Module):
 
     def own_parameters(self) -> list:
         """Parameters the method updates itself in `optimizer_step` (PIC's classifier rows); the
-        trainer's optimiser leaves them out. Empty by default."""
+        engine's optimiser leaves them out. Empty by default."""
         return []
 
     def optimizer_step(self, lr: float) -> None:
-        """Called right after the trainer's optimiser step, with the learning rate that step used:
+        """Called right after the engine's optimiser step, with the learning rate that step used:
         update `own_parameters()` here. No-op by default."""
 
+    def after_step(self) -> None:
+        """Called once after each optimiser step (EMA updates, queues, banks)."""
+
     def discard_step(self) -> None:
-        """Forget what `forward` left for `after_step` (a step dropped by the non-finite guard)."""
+        """Forget what `forward` left for `optimizer_step` and `after_step` (a step dropped by the
+        non-finite guard)."""
 
     def ddp_ignored(self) -> list[str]:
         """Names of parameters and buffers that differ between ranks (classifier shards): DDP neither
@@ -75,16 +99,8 @@ class Method(nn.Module):
         rank when `ddp_ignored()` is not empty."""
         return state
 
-    def init_from_data(self, images: Tensor, cfg, device, amp) -> None:
-        """Called by the trainer on a fresh start (not on resume), after `setup` and the move to
-        `device`, with the training images (uint8, N x C x H x W): state that starts from the data.
-        No-op by default."""
-
-    def after_step(self) -> None:
-        """Called once after each optimiser step (EMA updates, queues, banks)."""
-
     def monitor_bank(self) -> Tensor | None:
         """Training-set features the method keeps itself, (N, D) unit rows in dataset order, in the
-        space of `head(backbone(x))` (InstDisc's memory bank); the trainer then reports a second kNN
-        on them. None (the default) when the method keeps none."""
+        space of `head(backbone(x))` (InstDisc's memory bank); the kNN monitor then reports a second
+        kNN on them. None (the default) when the method keeps none."""
         return None

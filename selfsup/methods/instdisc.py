@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..eval.knn import extract_features
 from ..losses import instance_softmax, nce_loss, nce_normalizer
 from ..parallel import distributed as D
-from .base import Method
+from .base import Encode, Method
 
 
 class InstDisc(Method):
@@ -39,6 +38,9 @@ class InstDisc(Method):
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__(cfg, backbone, feat_dim)
+        c = cfg.instdisc
+        self.loss_kind, self.nce_k, self.temperature = c.loss, c.nce_k, c.temperature
+        self.bank_momentum, self.bank_init = c.bank_momentum, c.bank_init
         self.register_buffer("bank", torch.empty(0, cfg.model.proj_dim))   # sized in setup()
         self.register_buffer("Z", torch.zeros(()))
         self._pending: tuple[Tensor, Tensor] | None = None
@@ -51,15 +53,14 @@ class InstDisc(Method):
         self.bank = F.normalize(bank, dim=1)
 
     @torch.no_grad()
-    def init_from_data(self, images, cfg, device, amp) -> None:
+    def init_from_data(self, encode: Encode) -> None:
         """``instdisc.bank_init=features``: the bank starts as the unit-norm head features of the
         untrained network (clean images, BN on batch statistics, run on a copy so no state
         changes) instead of random rows, so the first epoch's positives are not random vectors."""
-        if self.cfg.instdisc.bank_init != "features":
+        if self.bank_init != "features":
             return
         net = copy.deepcopy(nn.Sequential(self.backbone, self.head))
-        feats = extract_features(net, images, cfg.train.batch_size, device, cfg.data.image_size, amp, train_bn=True)
-        self.bank.copy_(feats.to(self.bank.dtype))
+        self.bank.copy_(encode(net, train_bn=True).to(self.bank.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a model built without setup() (e.g. to read a checkpoint's encoder) takes the bank's size
@@ -71,28 +72,28 @@ class InstDisc(Method):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, views, index):
-        c = self.cfg.instdisc
         n = self.bank.shape[0]
         if n == 0:
             raise RuntimeError("InstDisc memory bank is empty: call setup(num_samples) before training")
         f = self.head(self.backbone(views[0]))                          # (B, D)
-        if c.loss == "softmax":
-            loss = instance_softmax(f, self.bank, index, c.temperature)
+        t = self.temperature
+        if self.loss_kind == "softmax":
+            loss = instance_softmax(f, self.bank, index, t)
         else:
-            noise = self.bank[torch.randint(n, (c.nce_k,), device=self.bank.device)]   # (K, D)
+            noise = self.bank[torch.randint(n, (self.nce_k,), device=self.bank.device)]   # (K, D)
             pos = self.bank[index]                                       # (B, D)
             if not self._z_known:
                 if float(self.Z) == 0.0:   # first batch: estimate Z once (same value on every rank)
-                    self.Z.fill_(D.all_reduce_mean(nce_normalizer(f, pos, noise, c.temperature, n)).item())
+                    self.Z.fill_(D.all_reduce_mean(nce_normalizer(f, pos, noise, t, n)).item())
                 self._z_known = True
-            loss = nce_loss(f, pos, noise, self.Z, c.temperature, n)
+            loss = nce_loss(f, pos, noise, self.Z, t, n)
         self._pending = (F.normalize(f.detach().to(self.bank.dtype), dim=1), index)
         return {"loss": loss}
 
     @torch.no_grad()
     def update_bank(self, f: Tensor, index: Tensor) -> None:
         """v_i <- normalize(m v_i + (1 - m) f_i) for the rows ``index`` (n,), f (n, D) unit norm."""
-        m = self.cfg.instdisc.bank_momentum
+        m = self.bank_momentum
         self.bank[index] = F.normalize(self.bank[index] * m + f * (1.0 - m), dim=1)
 
     def discard_step(self) -> None:

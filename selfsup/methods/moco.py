@@ -45,9 +45,8 @@ class MoCo(Method):
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__(cfg, backbone, feat_dim)
         c = cfg.moco
-        if c.queue_size < 1 or not 0.0 <= c.momentum <= 1.0:
-            raise ValueError(f"moco.queue_size must be >= 1 and moco.momentum in [0, 1], "
-                             f"got {c.queue_size}, {c.momentum}")
+        self.momentum, self.temperature, self.symmetric = c.momentum, c.temperature, c.symmetric
+        self.shuffle_bn, self.bn_splits = c.shuffle_bn, c.bn_splits
         self.key_backbone = copy.deepcopy(self.backbone)
         self.key_head = copy.deepcopy(self.head)
         for p in self.key_params():
@@ -78,26 +77,25 @@ class MoCo(Method):
         def enc(v):
             return self.key_head(self.key_backbone(v))
 
-        c = self.cfg.moco
-        if not c.shuffle_bn:
+        if not self.shuffle_bn:
             k = enc(x)
-        elif D.is_dist() and D.world_size() > 1:
+        elif D.world_size() > 1:
             k = shuffle_bn_forward(enc, x)
         else:
-            k = split_bn_forward(enc, x, c.bn_splits)
+            k = split_bn_forward(enc, x, self.bn_splits)
         return F.normalize(k.to(self.queue.dtype), dim=1)
 
     def forward(self, views, index):
-        c = self.cfg.moco
+        t = self.temperature
         x1, x2 = views
         queue = self.queue   # keys of earlier steps; this step's keys are enqueued in after_step
         q1, k2 = self.query(x1), self.keys(x2)
-        if c.symmetric:
+        if self.symmetric:
             q2, k1 = self.query(x2), self.keys(x1)
-            loss = info_nce(q1, k2, queue, c.temperature) + info_nce(q2, k1, queue, c.temperature)
+            loss = info_nce(q1, k2, queue, t) + info_nce(q2, k1, queue, t)
             self._pending_keys = [k1, k2]
         else:
-            loss = info_nce(q1, k2, queue, c.temperature)
+            loss = info_nce(q1, k2, queue, t)
             self._pending_keys = [k2]
         return {"loss": loss}
 
@@ -123,7 +121,7 @@ class MoCo(Method):
     @torch.no_grad()
     def momentum_update(self) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q for parameters and float buffers; int buffers copied."""
-        m = self.cfg.moco.momentum
+        m = self.momentum
         for src, dst in ((self.backbone, self.key_backbone), (self.head, self.key_head)):
             for pq, pk in zip(src.parameters(), dst.parameters()):
                 pk.mul_(m).add_(pq.detach() * (1.0 - m))

@@ -1,7 +1,7 @@
 """PIC (Cao et al. 2020) and the one-million-way instance classifier (Liu et al. 2021).
 
 Every training image is its own class: z = normalize(g(f(x))), a cosine-softmax classifier over the
-N instances (:class:`~selfsup.models.classifier.InstanceClassifier`, rows normalised in the forward,
+N instances (:class:`~selfsup.instance.InstanceClassifier`, rows normalised in the forward,
 temperature ``pic.temperature``), cross-entropy against the image's own index. Settings in
 ``cfg.pic`` (see ``PICConfig``); the one-million-way classifier is this method with
 ``pic.prior=true``, ``pic.smooth_alpha``/``pic.smooth_k`` and tau 0.15 (its presets set them).
@@ -11,8 +11,9 @@ temperature ``pic.temperature``), cross-entropy against the image's own index. S
   ``shard_range(N, world, rank)``; features are all-gathered, the softmax max and sum are
   all-reduced, so communication per step is O(B D + B), independent of N). The shard, its momentum
   and the hard-class table are excluded from DDP (:meth:`ddp_ignored`).
-* **The method updates the rows itself** (:meth:`optimizer_step`), with the trainer's lr, momentum
-  (times ``pic.row_lr_scale``) and weight decay and torch SGD's rule ``buf = m buf + (g + wd w); w -= lr buf``. With the full
+* **The method updates the rows itself** (:meth:`optimizer_step`, :func:`~selfsup.instance.row_sgd_`),
+  with the engine's lr (times ``pic.row_lr_scale``), ``train.momentum`` and ``train.weight_decay`` and
+  torch SGD's rule ``buf = m buf + (g + wd w); w -= lr buf``. With the full
   softmax (``pic.negatives=0``) every row of the shard is updated each step. With sampled negatives
   (``pic.negatives=K``: the K most recent visits of all ranks plus the batch's positives and their
   hard classes) only the sampled rows and their momentum change: rows outside the set stay
@@ -27,6 +28,9 @@ temperature ``pic.temperature``), cross-entropy against the image's own index. S
 * **Smoothed labels** (``pic.smooth_alpha`` > 0, ``pic.smooth_k`` = K): target 1 - alpha on the own
   class, alpha / K on the K rows most similar to its row (cos(w_i, w_j)), refreshed before each
   step for the batch's targets (per-shard top-K merged across ranks; O(B N D / world) per step).
+* **One gather per step**: the batch's instance ids are all-gathered once; the targets and smoothed
+  labels of the global batch (:class:`~selfsup.instance.Targets`) serve the large crop and every
+  small crop.
 
 Checkpoints hold the full N-row weight and momentum (gathered from every shard), so a run resumes
 on any number of ranks.
@@ -39,11 +43,9 @@ import torch
 from torch import Tensor, nn
 
 from ..data.augment import augment_from_config
-from ..eval.knn import extract_features
-from ..models.classifier import InstanceClassifier, RecentInstances, sparse_sgd_
+from ..instance import InstanceClassifier, RecentInstances, Targets, gather_rows, row_sgd_
 from ..parallel import distributed as D
-from ..parallel.sharded_classifier import gather_rows
-from .base import Method
+from .base import Encode, Method
 
 SHARDED = ("clf.weight", "clf_momentum")   # (rows of this rank) in memory, (all N rows) in checkpoints
 
@@ -54,13 +56,12 @@ class PIC(Method):
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__(cfg, backbone, feat_dim)
         c = cfg.pic
-        if c.negatives < 0 or c.small_crops < 0 or c.smooth_k < 0 or not 0.0 <= c.smooth_alpha < 1.0:
-            raise ValueError("pic.negatives, pic.small_crops and pic.smooth_k must be >= 0 and "
-                             f"pic.smooth_alpha in [0, 1), got {c.negatives}, {c.small_crops}, {c.smooth_k}, "
-                             f"{c.smooth_alpha}")
-        if c.smooth_alpha > 0 and c.smooth_k == 0:
-            raise ValueError("pic.smooth_alpha > 0 needs pic.smooth_k > 0 (the number of hard classes)")
         self.n_views = 1 + c.small_crops
+        self.temperature, self.chunk_size, self.smooth_k, self.prior = c.temperature, c.chunk_size, c.smooth_k, c.prior
+        self.seed, self.dim = cfg.seed, cfg.model.proj_dim
+        self.alpha = c.smooth_alpha if c.smooth_k else 0.0
+        self.row_lr_scale, self.row_momentum, self.row_weight_decay = \
+            c.row_lr_scale, cfg.train.momentum, cfg.train.weight_decay
         self.clf: InstanceClassifier | None = None   # sized in setup()
         self.recent = RecentInstances(c.negatives) if c.negatives else None
         self.small_aug = augment_from_config(cfg.aug, c.small_size, c.small_scale) if c.small_crops else None
@@ -70,11 +71,10 @@ class PIC(Method):
 
     def setup(self, num_samples: int) -> None:
         """The N-way classifier (this rank's shard when distributed) and its momentum buffer."""
-        c = self.cfg.pic
-        if c.smooth_k >= num_samples:
-            raise ValueError(f"pic.smooth_k={c.smooth_k} must be smaller than the number of instances {num_samples}")
-        self.clf = InstanceClassifier(num_samples, self.cfg.model.proj_dim, c.temperature, c.chunk_size,
-                                      c.smooth_k, seed=self.cfg.seed)
+        if self.smooth_k >= num_samples:
+            raise ValueError(f"pic.smooth_k={self.smooth_k} must be smaller than the number of instances {num_samples}")
+        self.clf = InstanceClassifier(num_samples, self.dim, self.temperature, self.chunk_size, self.smooth_k,
+                                      seed=self.seed)
         self.register_buffer("clf_momentum", torch.zeros_like(self.clf.weight))
 
     def _take_own_shard(self, state_dict, prefix, *args):
@@ -96,54 +96,42 @@ class PIC(Method):
         return state
 
     def ddp_ignored(self) -> list[str]:
-        if not (D.is_dist() and D.world_size() > 1):
+        if D.world_size() == 1:
             return []
-        names = list(SHARDED) + (["clf.hard_classes"] if self.cfg.pic.smooth_k else [])
+        names = list(SHARDED) + (["clf.hard_classes"] if self.smooth_k else [])
         return names + ([f"recent.{n}" for n, _ in self.recent.named_buffers()] if self.recent else [])
 
     def own_parameters(self) -> list:
         return [self.clf.weight]
 
     def view_augs(self, aug):
-        return [self.large_aug or aug] + [self.small_aug] * self.cfg.pic.small_crops
+        return [self.large_aug or aug] + [self.small_aug] * (self.n_views - 1)
 
     def embed(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))
 
     def forward(self, views, index):
-        c = self.cfg.pic
         clf = self.clf
         if clf is None:
             raise RuntimeError("PIC classifier is not built: call setup(num_samples) before training")
-        gidx = D.all_gather_no_grad(index) if D.is_dist() else index   # the global batch's instances
-        alpha = c.smooth_alpha if c.smooth_k else 0.0
-        if alpha:
+        gidx = D.all_gather_no_grad(index)   # the global batch's instances: gathered once per step
+        if self.alpha:
             clf.refresh_hard_classes_(gidx)
-        sel = None
-        if self.recent is not None:
-            sel = clf.select(self.recent.candidates(gidx, clf.smooth_index(gidx) if alpha else None))
-        loss = clf(self.embed(views[0]), index, rows=sel, alpha=alpha)
+        targets = Targets(gidx, clf.smooth_index(gidx) if self.alpha else None, self.alpha)
+        rows = clf.select(self.recent.candidates(gidx, targets.smooth)) if self.recent is not None else clf.shard()
+        loss = clf(self.embed(views[0]), targets, rows)
         for v in views[1:]:   # small crops: the rows are detached, they train the encoder only
-            loss = loss + clf(self.embed(v), index, rows=sel, alpha=alpha, detach_weight=True)
-        self._pending = (sel, gidx)
+            loss = loss + clf(self.embed(v), targets, rows, detach=True)
+        self._pending = (rows, gidx)
         return {"loss": loss / len(views)}
 
-    @torch.no_grad()
     def optimizer_step(self, lr: float) -> None:
         """SGD with momentum and weight decay on the rows that took part in the step."""
         if self._pending is None:
             return
-        sel, gidx = self._pending
-        t = self.cfg.train
-        lr = lr * self.cfg.pic.row_lr_scale
-        w, buf = self.clf.weight, self.clf_momentum
-        if sel is None:   # full softmax: every row of the shard (same rule as torch SGD)
-            if w.grad is not None:
-                buf.mul_(t.momentum).add_(w.grad + t.weight_decay * w)
-                w.add_(buf, alpha=-lr)
-                w.grad = None
-        elif sel.rows.grad is not None:
-            sparse_sgd_(w, buf, sel.local, sel.rows.grad, lr, t.momentum, t.weight_decay)
+        rows, gidx = self._pending
+        row_sgd_(self.clf.weight, self.clf_momentum, rows, lr * self.row_lr_scale, self.row_momentum,
+                 self.row_weight_decay)
         if self.recent is not None:
             self.recent.push(gidx)
         self._pending = None
@@ -153,17 +141,15 @@ class PIC(Method):
         self.clf.weight.grad = None
 
     @torch.no_grad()
-    def init_from_data(self, images, cfg, device, amp) -> None:
+    def init_from_data(self, encode: Encode) -> None:
         """``pic.prior``: rows = normalised head features of the untrained network (BN running
         statistics collected over the data first; on a copy, the model is untouched)."""
-        if not self.cfg.pic.prior:
+        if not self.prior:
             return
         net = copy.deepcopy(nn.Sequential(self.backbone, self.head))
         for m in net.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.reset_running_stats()
                 m.momentum = None   # cumulative average over the pass
-        bs, size = cfg.train.batch_size, cfg.data.image_size
-        extract_features(net, images, bs, device, size, amp, train_bn=True)   # collects the statistics
-        feats = extract_features(net, images, bs, device, size, amp)          # eval mode, normalised
-        self.clf.init_from_features_(feats)
+        encode(net, train_bn=True)   # collects the statistics
+        self.clf.init_from_features_(encode(net))   # eval mode, normalised

@@ -71,10 +71,11 @@ def _check_equal_shapes(x: Tensor) -> None:
         )
 
 
-def _gather(x: Tensor) -> Tensor:
+def _gather(x: Tensor, check_shapes: bool = True) -> Tensor:
     """Concatenate equally shaped ``(B, ...)`` tensors of all ranks -> ``(world*B, ...)``."""
     x = x.contiguous()
-    _check_equal_shapes(x)
+    if check_shapes:
+        _check_equal_shapes(x)
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x)
     return torch.cat(out, dim=0)
@@ -84,26 +85,28 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather whose backward all-reduces (SUM) the gradient and keeps this rank's slice."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, check_shapes: bool) -> Tensor:
         ctx.batch = x.shape[0]
         ctx.rank = dist.get_rank()
-        return _gather(x)
+        return _gather(x, check_shapes)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = ctx.rank * ctx.batch
-        return grad[start : start + ctx.batch]
+        return grad[start : start + ctx.batch], None
 
 
-def all_gather_with_grad(x: Tensor) -> Tensor:
+def all_gather_with_grad(x: Tensor, check_shapes: bool = True) -> Tensor:
     """Differentiable all-gather.
 
     Args:
         x: ``(B, ...)`` tensor; ``B`` (and all other dims) must be equal on all
             ranks, otherwise a ``ValueError`` listing the shapes is raised
             (uneven batches are not supported: use ``drop_last=True``).
+        check_shapes: check that equality first (one small extra all-gather);
+            ``False`` for a caller that has already established it this step.
 
     Returns:
         ``(world*B, ...)``: the ranks' tensors concatenated in rank order.  The
@@ -114,19 +117,19 @@ def all_gather_with_grad(x: Tensor) -> Tensor:
     """
     if not is_dist() or dist.get_world_size() == 1:
         return x
-    return _AllGatherWithGrad.apply(x)
+    return _AllGatherWithGrad.apply(x, check_shapes)
 
 
-def all_gather_no_grad(x: Tensor) -> Tensor:
+def all_gather_no_grad(x: Tensor, check_shapes: bool = True) -> Tensor:
     """Detached all-gather: ``(B, ...)`` per rank -> ``(world*B, ...)`` in rank order.
 
-    Same equal-shape requirement as :func:`all_gather_with_grad`.  Returns
-    ``x.detach()`` when not distributed.
+    Same equal-shape requirement and ``check_shapes`` as :func:`all_gather_with_grad`.
+    Returns ``x.detach()`` when not distributed.
     """
     if not is_dist() or dist.get_world_size() == 1:
         return x.detach()
     with torch.no_grad():
-        return _gather(x.detach())
+        return _gather(x.detach(), check_shapes)
 
 
 def all_reduce_mean(x: Tensor) -> Tensor:

@@ -1,0 +1,376 @@
+"""Benchmark of the training step: views/s, ms/step, peak memory, data share and achieved FLOP/s.
+
+For one setting (method, backbone, resolution, batch size: a preset plus overrides) the training
+step of the trainer (:class:`selfsup.engine.step.Step`, the same object) is timed in two modes:
+
+* ``synthetic``: the views are fixed random float tensors already on the device (one per entry of
+  ``model.view_augs(aug)``, at that augmentation's size, channels-last when the trainer would use
+  it); each step is only forward + backward + optimiser steps: the model's own ceiling;
+* ``pipeline``: the trainer's data path each step (:class:`selfsup.engine.data.TrainData`: index
+  schedule -> uint8 images gathered from the in-memory set, resident on the GPU when
+  ``data.on_device`` -> ``model.make_views`` with the batched augmentation -> channels-last copy; for
+  streamed sets (``data.stream``) its :class:`~selfsup.data.loader.StreamLoader`), then the same step.
+
+Model, optimiser and step are built by the trainer's own functions (``build_model``,
+``make_optimizer``, ``wrap_model``, ``Step``): the precision, ``train.channels_last``,
+``train.compile``, the method's own row update (PIC), ``after_step()``.  Left out: DDP (one
+process), the non-finite guard's per-step host sync, logging, checkpoints and the kNN monitor;
+``init_from_data`` is skipped (it sets values, not costs).
+
+Per mode and setting: views/s over the timed steps (wall clock, one device sync at each end),
+median ms/step, the data part's median ms and its share of the step (on CUDA from CUDA events
+recorded between the parts, so the step is not serialised by the measurement; on CPU from the
+wall clock), peak memory, and achieved TFLOP/s from a counted FLOP figure of the backbone: one
+forward of one image per view size counted by ``torch.utils.flop_counter.FlopCounterMode``
+(a multiply-add = 2 FLOPs), times 3 for forward + backward of every trained view (MoCo: 3 for
+the query views, 1 for the key encoder's forward-only views).  The head, the loss and the
+augmentation are not counted.
+
+Usage::
+
+    from selfsup.bench.throughput import run
+    res = run({"quick": True, "out": "bench.json"})   # -> {"config", "rows", "notes", "table"}
+    selfsup bench throughput --preset simclr-fmnist --image-size 32 --batch 512 --out tp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import resource
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config import load_config
+from ..data.datasets import build_dataset
+from ..data.splits import load_split, streams
+from ..engine.data import TrainData
+from ..engine.setup import Env, autocast_dtype, keep_freed_memory, resolve_device
+from ..engine.step import Step, build_model, make_optimizer, wrap_model
+from ..errors import DatasetNotFoundError
+from ..methods import build_method
+from .common import Bench, RssPeak, device_name, sync, text_table
+
+__all__ = ["BENCH", "count_backbone_flops", "bench_throughput", "run", "format_table", "main", "DEFAULTS", "QUICK",
+           "MODES"]
+
+MODES = ("synthetic", "pipeline")
+DEFAULTS = dict(preset="simclr-cifar10", overrides=(), method=None, backbone=None, width=None, batch=None,
+                image_size=None, data="preset", modes=MODES, steps=20, warmup=3, device="auto", threads=None,
+                compile=None, channels_last=None, precision=None, cudnn_benchmark=None, seed=0, out=None)
+QUICK = dict(method="simclr", backbone="resnet_small", width=8, image_size=32, batch=16, steps=3, warmup=1,
+             data="synthetic")
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def count_backbone_flops(backbone: torch.nn.Module, size: int, channels: int = 3) -> int:
+    """FLOPs (a multiply-add counts 2) of one forward of `backbone` on one (channels, size, size) image,
+    counted by ``FlopCounterMode`` on a CPU copy in eval mode (the model is untouched)."""
+    net = copy.deepcopy(backbone).float().cpu().eval()
+    x = torch.zeros(1, channels, size, size)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        net(x)
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------- config
+
+
+def _build_config(s: dict):
+    """The trainer config for settings `s`: preset <- overrides <- the explicit settings."""
+    over = list(s["overrides"] or ())
+    explicit = {"method": s["method"], "model.backbone": s["backbone"], "model.width": s["width"],
+                "train.batch_size": s["batch"], "data.image_size": s["image_size"], "device": s["device"],
+                "train.threads": s["threads"], "train.compile": s["compile"],
+                "train.channels_last": s["channels_last"], "train.precision": s["precision"], "seed": s["seed"]}
+    for k, v in explicit.items():
+        if v is not None:
+            over.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
+    if s["data"] == "synthetic":
+        over += ["data.name=synthetic", "data.stream=null", "data.cache_mode=none"]
+    return load_config(s["preset"], over), over
+
+
+def _load_train_set(cfg, stream: bool):
+    d = cfg.data
+    if d.name == "synthetic":   # enough images for a batch; procedural, at the requested size
+        return build_dataset("synthetic", "train", image_size=d.image_size,
+                             num_samples=max(1024, cfg.train.batch_size), seed=cfg.seed)
+    try:
+        return load_split(cfg, d.train_split, stream)
+    except (DatasetNotFoundError, FileNotFoundError) as e:
+        raise FileNotFoundError(f"{e}\n(bench throughput: `--data synthetic` measures the same pipeline on "
+                                "the procedural synthetic set)") from None
+
+
+# ---------------------------------------------------------------- one mode
+
+
+def _flop_views(model, cfg, sizes: list[int]) -> dict:
+    """Which views pass through the backbone with a backward (x3 FLOPs) and which only forward (x1):
+    every view is trained, except MoCo's, where x1 (and x2 when symmetric) goes through the query
+    encoder and x2 (and x1) through the key encoder without gradient."""
+    if hasattr(model, "key_backbone"):
+        q = sizes if cfg.moco.symmetric else sizes[:1]
+        return {"trained_views": list(q), "forward_views": list(sizes if cfg.moco.symmetric else sizes[1:])}
+    return {"trained_views": list(sizes), "forward_views": []}
+
+
+def _measure_mode(mode, cfg, ds, env, steps, warmup, notes, prime_only=False):
+    """Build the model, optimiser, step and data path as the trainer does and time `warmup + steps`
+    steps of `mode`. `prime_only`: build and run the warm-up steps only (untimed), then free
+    everything; returns None."""
+    torch.manual_seed(cfg.seed)
+    device = env.device
+    rss0 = RssPeak().rss() if device.type == "cpu" else 0
+    data = TrainData(cfg, env, ds=ds)
+    model, channels_last = build_model(cfg, len(ds), env)
+    opt, sched = make_optimizer(model, cfg, data.steps_per_epoch)
+    step = Step(model, wrap_model(model, cfg, env), opt, sched, env.amp)
+    step.net.train()
+    augs, size, b = model.view_augs(data.aug), data.size, cfg.train.batch_size
+    if mode == "synthetic":
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        fixed = [torch.randn(b, 3, a.size, a.size, generator=g).to(device) for a in augs]
+        if channels_last:
+            fixed = [v.contiguous(memory_format=torch.channels_last) for v in fixed]
+        fixed_index = data.make_schedule().next_batch(0, 1).to(device)
+
+    def data_part(i):
+        """The trainer's data path of step i -> (views, index on the device)."""
+        if mode == "synthetic":
+            return fixed, fixed_index
+        batch = data.next(model, i, channels_last)
+        return batch.views, batch.index
+
+    def train_part(views, index):
+        return step.step(views, index)["loss"]
+
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        loss = train_part(*data_part(i))
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    if prime_only:
+        del model, step, opt, sched, data
+        gc.collect()
+        return None, size
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mem = torch.cuda.memory_allocated(device)
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        ev_end = torch.cuda.Event(enable_timing=True)
+        probe = None
+    else:
+        base_mem = None
+        probe = RssPeak(period=0.005).__enter__()
+    cpu_marks = []
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    try:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            if device.type == "cuda":
+                ev[i][0].record()
+                views, index = data_part(warmup + i)
+                ev[i][1].record()
+                loss = train_part(views, index)
+            else:
+                a = time.perf_counter()
+                views, index = data_part(warmup + i)
+                b = time.perf_counter()
+                loss = train_part(views, index)
+                cpu_marks.append((a, b))
+        if device.type == "cuda":
+            ev_end.record()
+        sync(device)
+        wall = time.perf_counter() - t0
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+        if device.type == "cpu":
+            cpu_marks.append((time.perf_counter(), None))
+    finally:
+        if probe is not None:
+            probe.__exit__(None, None, None)
+    if device.type == "cuda":
+        starts = [e[0] for e in ev] + [ev_end]
+        step_ms = [starts[i].elapsed_time(starts[i + 1]) for i in range(steps)]
+        data_ms = [ev[i][0].elapsed_time(ev[i][1]) for i in range(steps)]
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        step_ms = [1e3 * (cpu_marks[i + 1][0] - cpu_marks[i][0]) for i in range(steps)]
+        data_ms = [1e3 * (cpu_marks[i][1] - cpu_marks[i][0]) for i in range(steps)]
+        peak_mib = max(0, probe.peak - rss0) / 2**20
+    loss_v = float(loss.detach().float())
+    if loss_v != loss_v or abs(loss_v) == float("inf"):
+        notes.append(f"{mode}: the loss is not finite ({loss_v}) after the timed steps")
+    n_views = len(augs)
+    res = dict(views_per_s=steps * b * n_views / wall, ms_per_step=statistics.median(step_ms),
+               ms_per_step_mean=1e3 * wall / steps, data_ms=statistics.median(data_ms) if mode != "synthetic" else 0.0,
+               data_share=(sum(data_ms) / sum(step_ms)) if mode != "synthetic" else 0.0,
+               peak_mem_mib=peak_mib, base_mem_mib=None if base_mem is None else base_mem / 2**20,
+               warmup_s=warmup_s, minor_faults_per_step=faults / steps, loss=loss_v,
+               view_sizes=[a.size for a in augs], n_views=n_views,
+               **_flop_views(model, cfg, [a.size for a in augs]))
+    # free this mode's state before the next one
+    del model, step, opt, sched, data
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res, size
+
+
+# ---------------------------------------------------------------- public API
+
+
+def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[dict], dict]:
+    """Measure every mode of `settings` (a complete dict of :data:`DEFAULTS` keys).
+
+    Returns ``(rows, config)``: one row per mode (``mode, method, backbone, image_size, batch,
+    n_views, views_per_s, ms_per_step`` (median), ``ms_per_step_mean``, ``data_ms`` (median),
+    ``data_share``, ``peak_mem_mib``, ``base_mem_mib`` (CUDA: allocated before the timed steps),
+    ``gflop_per_view`` (backbone forward, one image), ``gflop_per_step`` (backbone, forward +
+    backward), ``tflops``, ``warmup_s``, ``loss``) and the resolved configuration.
+    """
+    notes = notes if notes is not None else []
+    s = settings
+    modes = tuple(s["modes"])
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; valid: {', '.join(MODES)}")
+    if s["data"] not in ("preset", "synthetic"):
+        raise ValueError(f"unknown data {s['data']!r}; valid: preset, synthetic")
+    if int(s["steps"]) < 1 or int(s["warmup"]) < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got {s['steps']}, {s['warmup']}")
+    cfg, over = _build_config(s)
+    device = resolve_device(cfg.device)
+    stream = streams(cfg)
+    prev_threads = torch.get_num_threads()
+    prev_bench = torch.backends.cudnn.benchmark
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if s["cudnn_benchmark"] is not None:
+        torch.backends.cudnn.benchmark = bool(s["cudnn_benchmark"])
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # as the trainer
+    if device.type == "cpu":
+        keep_freed_memory()   # as the trainer
+    try:
+        ds = _load_train_set(cfg, stream)
+        if not stream and cfg.data.on_device and device.type == "cuda":
+            ds = ds.to(device)
+        if len(ds) < cfg.train.batch_size:
+            raise ValueError(f"dataset has {len(ds)} images, fewer than train.batch_size={cfg.train.batch_size}")
+        amp = autocast_dtype(cfg, device)
+        env = Env(rank=0, local_rank=0, world=1, device=device, amp=amp)
+        rows, size = [], None
+        if device.type == "cpu" and modes:   # see the note below: every timed mode then finds a warm heap
+            _measure_mode(modes[0], cfg, ds, env, 0, max(1, int(s["warmup"])), notes, prime_only=True)
+        for mode in modes:
+            r, size = _measure_mode(mode, cfg, ds, env, int(s["steps"]), int(s["warmup"]), notes)
+            rows.append(dict(mode=mode, method=cfg.method, backbone=cfg.model.backbone, image_size=size,
+                             batch=cfg.train.batch_size, **r))
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.backends.cudnn.benchmark = prev_bench
+    backbone = build_method(cfg).backbone   # a fresh copy for counting (same architecture)
+    flops = {v: count_backbone_flops(backbone, v) for r in rows for v in set(r["view_sizes"])}
+    for r in rows:
+        sizes = r["view_sizes"]
+        per_image = 3 * sum(flops[v] for v in r.pop("trained_views")) + sum(flops[v] for v in r.pop("forward_views"))
+        r["gflop_per_view"] = flops[sizes[0]] / 1e9
+        r["gflop_per_step"] = per_image * r["batch"] / 1e9
+        r["tflops"] = r["gflop_per_step"] * r["views_per_s"] / (r["batch"] * r["n_views"]) / 1e3
+    notes.append("tflops = counted backbone FLOPs (FlopCounterMode, one forward, x3 for forward+backward of each "
+                 "trained view; MoCo: x3 for the query view(s), x1 for the key encoder's view(s)) x steps/s; "
+                 "the projection head, the loss, the optimiser and the augmentation are not counted, and x3 slightly "
+                 "overstates the backward of the first conv (no input gradient)")
+    if device.type == "cuda":
+        notes.append("ms/step and data share from CUDA events between the parts (no extra host sync); views/s from "
+                     "the wall clock over the timed steps; peak_mem_mib = torch.cuda.max_memory_allocated over the "
+                     "timed steps (weights, optimiser state, dataset on device and activations)")
+    else:
+        notes.append("CPU: peak_mem_mib = increase of the process RSS (sampled every 5 ms) over its value before the "
+                     "mode's model was built; coarse (the allocator keeps freed memory)")
+        notes.append("CPU: an untimed priming run (build + warm-up of the first mode) comes first, so every timed mode "
+                     "finds the heap that an earlier run left: in a fresh process glibc malloc gives large freed "
+                     "blocks back to the OS and each step page-faults them in again (minor_faults_per_step; "
+                     "10-15% of the step for simclr-fmnist-cpu on 2 cores)")
+    if "pipeline" in modes and not stream and cfg.data.name == "synthetic":
+        notes.append("pipeline data: the procedural `synthetic` set (3-channel, in memory) at the requested size, "
+                     "not the preset's dataset")
+    notes.append("not measured: DDP, the trainer's non-finite guard (host sync per step when train.nonfinite != "
+                 "stop), logging, checkpoints, the kNN monitor")
+    if cfg.train.compile and int(s["warmup"]) == 0:
+        notes.append("compile=true with warmup=0: compilation happens in the timed steps")
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()}
+    config.update(overrides=over, method=cfg.method, backbone=cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
+                  width=cfg.model.width if cfg.model.backbone == "resnet_small" else None,
+                  batch=cfg.train.batch_size, image_size=size, dataset=cfg.data.name, stream=stream,
+                  dataset_size=len(ds), optimizer=cfg.train.optimizer, device=str(device),
+                  device_name=device_name(device), torch=torch.__version__,
+                  precision=str(amp).replace("torch.", "") if amp is not None else "fp32",
+                  compile=bool(cfg.train.compile), channels_last=bool(cfg.train.channels_last),
+                  cudnn_benchmark=torch.backends.cudnn.benchmark if s["cudnn_benchmark"] is None
+                  else bool(s["cudnn_benchmark"]),
+                  threads=(cfg.train.threads or prev_threads) if device.type == "cpu" else None,
+                  max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return rows, config
+
+
+COLUMNS = [("mode", 9, "mode"), ("method", 8, "method"), ("backbone", 12, "backbone"), ("size", 4, "image_size"),
+           ("batch", 5, "batch"), ("views/s", 10, "views_per_s:.1f"), ("ms/step", 9, "ms_per_step:.2f"),
+           ("data ms", 8, "data_ms:.2f"), ("data %", 6, lambda r: f"{100 * r['data_share']:.1f}"),
+           ("peak MiB", 9, "peak_mem_mib:.1f"), ("GFLOP/v", 8, "gflop_per_view:.3f"), ("TFLOP/s", 8, "tflops:.3f")]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Fixed-width text table of :func:`bench_throughput` rows."""
+    return text_table(rows, COLUMNS)
+
+
+def _measure(s: dict, notes: list) -> dict:
+    if isinstance(s["modes"], str):
+        s["modes"] = (s["modes"],)
+    if isinstance(s["overrides"], str):
+        s["overrides"] = (s["overrides"],)
+    rows, config = bench_throughput(s, notes)
+    return {"config": config, "rows": rows}
+
+
+def _options(p) -> None:
+    p.add_argument("--preset", help=f"preset name or YAML path (default {DEFAULTS['preset']})")
+    p.add_argument("--overrides", nargs="+", metavar="KEY=VALUE", help="config overrides, e.g. model.backbone=resnet50")
+    p.add_argument("--method")
+    p.add_argument("--backbone")
+    p.add_argument("--width", type=int, help="model.width (resnet_small)")
+    p.add_argument("--batch", type=int, help="train.batch_size")
+    p.add_argument("--image-size", type=int, dest="image_size", help="data.image_size")
+    p.add_argument("--data", choices=["preset", "synthetic"],
+                   help="pipeline data: the preset's dataset (default) or the procedural synthetic set")
+    p.add_argument("--modes", nargs="+", choices=list(MODES))
+    p.add_argument("--steps", type=int, help="timed steps")
+    p.add_argument("--warmup", type=int, help="untimed steps first")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="torch CPU threads (train.threads)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="train.compile")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, dest="channels_last",
+                   help="train.channels_last")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], help="train.precision")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
+                   dest="cudnn_benchmark", help="torch.backends.cudnn.benchmark (default: as is, like the trainer)")
+    p.add_argument("--seed", type=int)
+
+
+BENCH = Bench(
+    name="throughput",
+    about="training step views/s, ms/step, peak memory, data share, FLOP/s: synthetic vs real pipeline",
+    defaults=DEFAULTS, quick=QUICK,
+    quick_help="CI-sized run (SimCLR, resnet_small width 8, 32 px, batch 16, synthetic data, 1 + 3 steps)",
+    measure=_measure, table=format_table, options=_options)
+run, main = BENCH.run, BENCH.main

@@ -1,0 +1,118 @@
+"""The training data of a run: the dataset, its index schedule, the augmentation and each step's views.
+
+Small sets are one uint8 tensor, resident on the accelerator when there is one (``data.on_device``);
+each step gathers the batch's images and augments them batched on the device. Streamed sets
+(``data.stream``) are decoded step by step in DataLoader workers, each view's crop cut while
+decoding, and the rest of the augmentation runs on the device.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..data.augment import augment_from_config
+from ..data.loader import StreamLoader
+from ..data.samplers import build_index_schedule
+from ..data.splits import load_split, streams
+from ..errors import ConfigError
+from .setup import Env
+
+__all__ = ["TrainData", "Batch"]
+
+
+@dataclass
+class Batch:
+    """One step's data: the views (float, on the device), this rank's instance indices (on the
+    device) and the locations of unreadable images replaced by others (streamed data, on_error=skip)."""
+
+    views: list
+    index: torch.Tensor
+    skipped: list
+
+
+class TrainData:
+    """The training set of `cfg` for this process, and the step-by-step path from indices to views.
+
+    Attributes: ``ds`` (in-memory ImageDataset or file-backed FileImageSet), ``stream``, ``sampler``
+    (the index schedule whose position checkpoints store), ``aug`` (the batched augmentation at the
+    data size), ``aug_gen`` (this rank's augmentation RNG), ``steps_per_epoch``, ``total_steps``.
+    `ds` may be given (the benchmarks' procedural set) instead of loaded from the config.
+    """
+
+    def __init__(self, cfg, env: Env, ds=None):
+        d, t = cfg.data, cfg.train
+        self.cfg, self.env, self.stream = cfg, env, streams(cfg)
+        self.ds = ds if ds is not None else load_split(cfg, d.train_split, self.stream)
+        if not self.stream and d.on_device and env.device.type == "cuda":
+            self.ds = self.ds.to(env.device)
+        self.size = d.image_size or self.ds.images.shape[-1]
+        self.aug = augment_from_config(cfg.aug, self.size)
+        self.aug_gen = torch.Generator(device=env.device).manual_seed(cfg.seed * 1000 + env.rank)
+        if len(self.ds) < t.batch_size:
+            raise ConfigError(f"dataset has {len(self.ds)} images, fewer than train.batch_size={t.batch_size}")
+        self.sampler = self.make_schedule()
+        if self.stream and d.cache_mode != "none":
+            self._cache()
+        self.steps_per_epoch = self.sampler.epoch_length
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        self._batches = None   # streamed data: the loader's iterator, (re)started at the current step
+
+    def make_schedule(self):
+        """A fresh index schedule of the run (position 0)."""
+        d, part = self.cfg.data, self.stream and self.cfg.data.cache_mode == "part"
+        try:
+            return build_index_schedule(d.sampler, len(self.ds), self.cfg.train.batch_size, self.cfg.seed,
+                                        window=d.window, stride=d.stride,
+                                        partition_world=self.env.world if part else None)
+        except ValueError as e:
+            raise ConfigError(f"data.sampler={d.sampler}: {e}") from None
+
+    def _cache(self) -> None:
+        """data.cache_mode: every encoded image in RAM (full), or only this rank's partition (part)."""
+        rank, world, ds = self.env.rank, self.env.world, self.ds
+        t0 = time.perf_counter()
+        part = self.cfg.data.cache_mode == "part"
+        nbytes = ds.cache(torch.arange(rank, len(ds), world) if part else torch.arange(len(ds)))
+        print(f"[selfsup] rank {rank}: cached {nbytes / 2**20:.1f} MiB of {ds.name} ({self.cfg.data.cache_mode}) "
+              f"in {time.perf_counter() - t0:.1f} s")
+
+    def restart(self) -> None:
+        """Forget the stream loader (after a resume or rollback moved the schedule)."""
+        self._batches = None
+
+    def next(self, model, step: int, channels_last: bool) -> Batch:
+        """Advance the schedule by one step and return its views for `model` (its `make_views`)."""
+        env = self.env
+        batches = self._stream(model, step) if self.stream else None   # started before the schedule moves
+        index = self.sampler.next_batch(env.rank, env.world)
+        skipped = []
+        if batches is not None:
+            got, crops, skipped = next(batches)
+            if not torch.equal(got, index):
+                raise RuntimeError(f"the data loader is out of step with the index schedule at step {step}")
+            views = model.make_views(crops, self.aug, self.aug_gen, precropped=True)
+        else:
+            if env.device.type == "cuda":   # an asynchronous copy: no host sync inside the step
+                index = index.pin_memory().to(env.device, non_blocking=True)
+            images = self.ds.images[index.to(self.ds.images.device)].to(env.device, non_blocking=True)
+            views = model.make_views(images, self.aug, self.aug_gen)
+        if channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return Batch(views, index.to(env.device, non_blocking=True), skipped)
+
+    def _stream(self, model, step: int):
+        """The stream loader's iterator, started at `step` on a copy of the schedule's position."""
+        if self._batches is None:
+            d, env = self.cfg.data, self.env
+            schedule = self.make_schedule()
+            schedule.load_state_dict(self.sampler.state_dict())
+            specs = [(a.size, a.crop_scale, a.crop_ratio) for a in model.view_augs(self.aug)]
+            self._batches = iter(StreamLoader(
+                self.ds, specs, schedule, rank=env.rank, world=env.world, start=step, total=self.total_steps,
+                seed=self.cfg.seed, workers=d.num_workers, device=env.device, decode=d.decode, on_error=d.on_error,
+                prefetch=d.prefetch))
+        return self._batches

@@ -1,0 +1,104 @@
+"""Run set-up: the process group, the device, the precision and torch's settings for a config.
+
+Every command that runs a network (training, the evaluations, the benchmarks) starts here, so a
+config means the same device, precision and threads everywhere.
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..parallel import distributed as D
+
+__all__ = ["Env", "setup_env", "resolve_device", "autocast_dtype", "configure_torch", "use_channels_last",
+           "keep_freed_memory"]
+
+
+@dataclass
+class Env:
+    """Where this process runs: its rank among `world` processes, its device and autocast dtype."""
+
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+    amp: torch.dtype | None
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that writes the run directory and prints."""
+        return self.rank == 0
+
+
+def setup_env(cfg) -> Env:
+    """Join the process group torchrun describes (if any; a group made by the caller is reused), pick
+    the device and precision, and set torch's threads, determinism and allocator for `cfg`."""
+    rank, local_rank, world = D.setup_distributed()
+    device = resolve_device(cfg.device, local_rank)
+    configure_torch(cfg, device)
+    return Env(rank, local_rank, world, device, autocast_dtype(cfg, device))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda when available, else cpu. 'cuda' without a GPU is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg, device: torch.device):
+    """bf16 autocast on cuda by default (train.precision=auto), none on cpu."""
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def configure_torch(cfg, device: torch.device) -> None:
+    """train.threads, train.deterministic; cuDNN's autotuner on CUDA (every step has the same shapes:
+    pick the fastest kernels once); on CPU the allocator keeps freed memory (`keep_freed_memory`)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if device.type == "cpu":
+        keep_freed_memory()
+
+
+def use_channels_last(cfg, model: nn.Module, device: torch.device) -> bool:
+    """train.channels_last, except on CPU for a model with a strided 1x1 conv of fewer than 16 input
+    channels (resnet_small with model.width < 16): oneDNN (torch 2.14) corrupts the heap in that
+    conv's channels-last backward on large inputs."""
+    if cfg.train.channels_last and device.type == "cpu" and any(
+            isinstance(m, nn.Conv2d) and m.in_channels < 16 and m.kernel_size == (1, 1) and m.stride != (1, 1)
+            for m in model.modules()):
+        print("[selfsup] train.channels_last off: a strided 1x1 conv with < 16 input channels crashes "
+              "oneDNN's channels-last backward on CPU")
+        return False
+    return bool(cfg.train.channels_last)
+
+
+def keep_freed_memory() -> None:
+    """glibc: keep freed blocks in the process instead of returning them to the OS, so the large
+    per-step activations are not page-faulted back in every step (about 13% of a CPU step measured by
+    `selfsup bench throughput`). No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: do not give the heap's top back
+        libc.mallopt(-3, 1 << 25)   # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's maximum) from the heap
+    except (OSError, AttributeError):   # not glibc
+        pass

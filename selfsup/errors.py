@@ -1,0 +1,41 @@
+"""What a user sees when something they can fix goes wrong: `SelfsupError` and its kinds.
+
+The command line prints any of them as one ``selfsup: error: ...`` line and exits with code 2; the
+message names the problem and the fix. Each kind also derives from the builtin exception that
+code outside the project would expect (``ValueError`` for a bad value, ``FileNotFoundError`` for a
+missing dataset), so ``except ValueError`` keeps working.
+
+This is the bottom layer: it imports nothing of the project.
+"""
+from __future__ import annotations
+
+__all__ = ["SelfsupError", "ConfigError", "DataError", "DatasetNotFoundError", "DatasetFormatError",
+           "CheckpointError", "NonFiniteLossError"]
+
+
+class SelfsupError(Exception):
+    """An error the user can fix: bad config, missing or corrupt data, unusable checkpoint, divergence."""
+
+
+class ConfigError(SelfsupError, ValueError):
+    """A config that cannot be used: unknown key, preset or method, or a bad value or combination."""
+
+
+class DataError(SelfsupError):
+    """A dataset that cannot be used."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """The dataset files were not found; the message lists every path tried."""
+
+
+class DatasetFormatError(DataError, ValueError):
+    """A dataset file exists but is corrupt or in the wrong format; the message names the file."""
+
+
+class CheckpointError(SelfsupError, RuntimeError):
+    """A checkpoint that is missing, unreadable or does not match the run."""
+
+
+class NonFiniteLossError(SelfsupError, RuntimeError):
+    """The loss or a parameter became NaN or infinite; training stopped without writing a checkpoint."""
