@@ -25,6 +25,7 @@ Full softmax: ``rows = clf.shard()``; ``clf.weight`` then gets the gradient.  In
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -182,7 +183,7 @@ class InstanceClassifier(nn.Module):
         self._check_world()
         rows = rows if rows is not None else self.shard()
         if detach:
-            rows = Rows(rows.weight.detach(), rows.ids, rows.offset, rows.local)
+            rows = dataclasses.replace(rows, weight=rows.weight.detach())
         return cosine_softmax(z, rows, targets, self.temperature, chunk_size=self.chunk_size,
                               ddp_grad_scale=ddp_grad_scale)
 
