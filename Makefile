@@ -10,7 +10,7 @@ RUN_DIR ?= runs/demo-$(TIMESTAMP)
 # DEMO_PRESET unset: simclr-fmnist with a GPU, else simclr-fmnist-cpu (2 cores, <= 15 minutes).
 DEMO_PRESET ?=
 
-.PHONY: demo test install data clean
+.PHONY: demo test install data clean gpu-bundle
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,20 @@ demo: $(STAMP) data
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
+
+# For an offline GPU machine that has its own torch (benchmarks/gpu.sh runs there without a venv): on a
+# networked machine, gather the pure-Python wheels it lacks and Fashion-MNIST's four .gz files into
+# $(BUNDLE) (ignored, about 31 MiB); carry that folder to the GPU machine and run `bash benchmarks/gpu.sh`.
+BUNDLE ?= bundle/gpu
+BUNDLE_WHEELS ?= omegaconf tqdm
+gpu-bundle: data
+	@src=$(FMNIST_DIR); [ -f $$src/train-images-idx3-ubyte.gz ] || src="$$SELFSUP_DATA"; \
+	[ -n "$$src" ] && [ -f "$$src/train-images-idx3-ubyte.gz" ] || \
+	  { echo "gpu-bundle: no Fashion-MNIST .gz files in $(FMNIST_DIR) or \$$SELFSUP_DATA"; exit 2; }; \
+	rm -rf $(BUNDLE) && mkdir -p $(BUNDLE)/wheels $(BUNDLE)/fashion-mnist && \
+	cp "$$src"/*-ubyte.gz $(BUNDLE)/fashion-mnist/ && \
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --dest $(BUNDLE)/wheels $(BUNDLE_WHEELS) && \
+	du -sh $(BUNDLE) && ls $(BUNDLE)/wheels
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,34 +1,79 @@
 #!/usr/bin/env bash
-# Every GPU figure the issues ask for, one command each; run from the repository root on a GPU machine:
+# Every GPU figure the issues ask for, one command each. Run from the repository root on the GPU machine,
+# with the Python that already holds torch (no venv, no torch install):
 #
-#   bash benchmarks/gpu.sh [OUT_DIR] [FIGURE ...]      (default: every figure, into runs/gpu)
+#   bash benchmarks/gpu.sh [--out DIR] [--bundle DIR] [--epochs N] [--check] [FIGURE ...]
 #
-# FIGURE: throughput augment data classifier curve. Each writes OUT_DIR/<figure>.json (the curve: a run
-# directory with metrics.jsonl and report.md). Fashion-MNIST is read from data.root=$FMNIST
-# (default /usr/share/datasets/fashion-mnist; copy the four .gz files there or set FMNIST).
-# Offline machines: put wheels of the missing packages in $WHEELS (default benchmarks/wheels) first.
+# FIGURE: throughput augment data classifier curve (default: all). Each writes DIR/<figure>.json (the
+# curve: a run directory DIR/curve with metrics.jsonl and report.md). Default DIR: runs/gpu.
+# --bundle DIR: what `make gpu-bundle` gathered on a networked machine (default bundle/gpu): wheels/ of the
+#   pure-Python packages the machine lacks, installed into DIR/site with pip --no-index, and
+#   fashion-mnist/ (used when $FMNIST is unset and /usr/share/datasets/fashion-mnist is absent).
+# --epochs N: epochs of the kNN curve (default 100, the simclr-fmnist preset; warm-up: a tenth of them).
+# --check: parse, install, print the plan, run nothing (needs no GPU).
+# PYTHON (default python3) picks the interpreter; SELFSUP_GPU_EXTRA="module=package ..." adds requirements.
 set -euo pipefail
-OUT=${1:-runs/gpu}; shift || true
-FIGURES=${*:-throughput augment data classifier curve}
-PY=${PYTHON:-python}
-FMNIST=${FMNIST:-/usr/share/datasets/fashion-mnist}
-WHEELS=${WHEELS:-benchmarks/wheels}
-mkdir -p "$OUT"
-if ! $PY -c "import omegaconf, tqdm, safetensors, sklearn, matplotlib, tensorboard" 2>/dev/null; then
-  $PY -m pip install -q --no-index --find-links "$WHEELS" omegaconf tqdm safetensors scikit-learn matplotlib tensorboard
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+usage() { sed -n 2,14p "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "gpu.sh: error: $*" >&2; exit 2; }
+OUT=runs/gpu BUNDLE=bundle/gpu EPOCHS=100 CHECK=0 FIGURES=()
+while [ $# -gt 0 ]; do
+  case $1 in --out|--bundle|--epochs) [ -n "${2:-}" ] || die "$1 needs a value (see --help)" ;; esac
+  case $1 in
+  --out) OUT=$2; shift 2 ;;
+  --bundle) BUNDLE=$2; shift 2 ;;
+  --epochs) EPOCHS=$2; shift 2
+    [[ $EPOCHS =~ ^[1-9][0-9]*$ ]] || die "--epochs must be a positive integer, got '$EPOCHS'" ;;
+  --check) CHECK=1; shift ;;
+  -h|--help) usage; exit 0 ;;
+  throughput|augment|data|classifier|curve) FIGURES+=("$1"); shift ;;
+  *) die "unknown argument '$1' (figures: throughput augment data classifier curve; see --help)" ;;
+esac; done
+[ ${#FIGURES[@]} -gt 0 ] || FIGURES=(throughput augment data classifier curve)
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null || die "no Python '$PY'; set PYTHON to the interpreter that holds torch"
+$PY -c "import torch, torchvision" 2>/dev/null || die "'$PY' has no torch/torchvision; set PYTHON to the one that does"
 
-for f in $FIGURES; do case $f in
+# Requirements as module=package; only the missing ones are installed, from the bundle, without the network.
+SITE=$OUT/site
+export PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}
+missing=($($PY - omegaconf=omegaconf yaml=pyyaml tqdm=tqdm safetensors=safetensors sklearn=scikit-learn \
+    matplotlib=matplotlib tensorboard=tensorboard PIL=pillow ${SELFSUP_GPU_EXTRA:-} <<'PY'
+import importlib.util, sys
+print(" ".join(p.split("=", 1)[1] for p in sys.argv[1:] if importlib.util.find_spec(p.split("=", 1)[0]) is None))
+PY
+))
+if [ ${#missing[@]} -gt 0 ]; then
+  [ -d "$BUNDLE/wheels" ] || die "missing ${missing[*]} and no wheels in $BUNDLE/wheels: run 'make gpu-bundle' on a networked machine and carry $BUNDLE"
+  echo "installing from $BUNDLE/wheels into $SITE: ${missing[*]}"
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --disable-pip-version-check --find-links "$BUNDLE/wheels" \
+    --target "$SITE" "${missing[@]}" || die "could not install ${missing[*]} from $BUNDLE/wheels: rerun 'make gpu-bundle'"
+fi
+$PY -c "import omegaconf, selfsup.cli" || die "selfsup does not import with $PY"
+
+if [ -z "${FMNIST:-}" ]; then
+  FMNIST=/usr/share/datasets/fashion-mnist
+  [ -f "$FMNIST/train-images-idx3-ubyte.gz" ] || FMNIST=$BUNDLE/fashion-mnist
+fi
+needs_fmnist=0
+for f in "${FIGURES[@]}"; do [[ $f == throughput || $f == curve ]] && needs_fmnist=1; done
+if [ $needs_fmnist = 1 ] && [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
+  die "no Fashion-MNIST in $FMNIST: set FMNIST=DIR (the four .gz files) or run 'make gpu-bundle' and carry $BUNDLE"
+fi
+echo "python: $($PY -c 'import sys, torch; print(sys.executable, "torch", torch.__version__)')"
+echo "figures: ${FIGURES[*]} -> $OUT; Fashion-MNIST: $FMNIST; curve epochs: $EPOCHS"
+[ $CHECK = 1 ] && { echo "check: ready"; exit 0; }
+$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print('gpu:', torch.cuda.get_device_name(0))"
+mkdir -p "$OUT"
+
+for f in "${FIGURES[@]}"; do echo "== $f ($(date +%T))"; case $f in
   # SimCLR, ResNet-18 CIFAR stem, 32x32, batch 512: synthetic views on the device vs the real Fashion-MNIST
-  # pipeline (target >= 25,000 views/s, pipeline within 10% of synthetic)
+  # pipeline (target >= 25,000 views/s, pipeline within 10% of synthetic); then with torch.compile
   throughput) $PY -m selfsup bench throughput --preset simclr-fmnist --image-size 32 --batch 512 \
       --overrides data.root="$FMNIST" --steps 50 --warmup 10 --out "$OUT/throughput.json"
     $PY -m selfsup bench throughput --preset simclr-fmnist --image-size 32 --batch 512 --compile \
       --overrides data.root="$FMNIST" --steps 50 --warmup 20 --out "$OUT/throughput-compile.json" ;;
   # batched augmentation vs torchvision per image in DataLoader workers, 32/96/224
-  augment) $PY -m selfsup bench augment --sizes 32 96 224 --batch 512 --workers 0 4 8 16 \
+  augment) $PY -m selfsup bench augment --device cuda --sizes 32 96 224 --batch 512 --workers 0 4 8 16 \
       --out "$OUT/augment.json" ;;
   # image readers at 224 with the SimCLR augmentation: folder, zip, cached zip; PIL in workers vs nvJPEG
   data) $PY -m selfsup bench data --workers 0 4 8 16 --batch 256 --out "$OUT/data.json" ;;
@@ -37,7 +82,7 @@ for f in $FIGURES; do case $f in
       --out "$OUT/classifier.json" ;;
   # Fashion-MNIST, ResNet-18, SimCLR: kNN top-1 against wall time (report.md: time to first reach 0.90)
   curve) rm -rf "$OUT/curve"
-    $PY -m selfsup train simclr-fmnist data.root="$FMNIST" eval.every=1 train.epochs=100 run_dir="$OUT/curve"
+    $PY -m selfsup train simclr-fmnist data.root="$FMNIST" eval.every=1 train.epochs="$EPOCHS" \
+      train.warmup_epochs=$(( EPOCHS >= 10 ? EPOCHS / 10 : 1 )) run_dir="$OUT/curve"
     $PY -m selfsup report --run "$OUT/curve" ;;
-  *) echo "unknown figure $f (throughput augment data classifier curve)"; exit 2 ;;
 esac; done

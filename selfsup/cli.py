@@ -149,7 +149,7 @@ def _eval_inputs(args, finetune: bool = False, features_only=False):
     needs clean features (`features_only`: a bool, or a function of the config) streams a run's
     streamed data (data.stream) from its files; the others decode the splits into memory."""
     from .data.splits import load_eval_data, streams
-    from .engine.setup import autocast_dtype, resolve_device
+    from .engine.setup import autocast_dtype, data_on_device, resolve_device
 
     cfg, encoder = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides)
     head = None
@@ -161,8 +161,9 @@ def _eval_inputs(args, finetune: bool = False, features_only=False):
         train_ds, test_ds = load_eval_data(cfg, stream=True)
     else:
         train_ds, test_ds = load_eval_data(cfg)
-        if cfg.data.on_device and device.type == "cuda":
+        if data_on_device(cfg, device):
             train_ds, test_ds = train_ds.to(device), test_ds.to(device)
+    head = head.to(device) if head is not None else None
     return cfg, encoder.to(device), head, train_ds, test_ds, device, autocast_dtype(cfg, device)
 
 

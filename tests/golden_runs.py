@@ -6,7 +6,8 @@ checksum of the final model state (parameters and buffers: queues, banks, classi
 `tests/golden/presets.json` was written by the code before the redesign
 (`python tests/golden_runs.py --record` at commit 088558c; the `pic-imagenet-stream` entry, added
 later, was recorded by that same commit's code); `tests/engine/test_golden.py` checks that the code
-of today gives the same numbers to 1e-6 relative. Re-record only for a change that is meant to change
+of today gives the same numbers to 1e-6 relative on the platform of the record (tests/golden/platform.json:
+torch 2.14.1, AVX512 kernels), and to OTHER_REL elsewhere. Re-record only for a change that is meant to change
 numbers, and say so in its commit.
 """
 from __future__ import annotations
@@ -18,7 +19,13 @@ from pathlib import Path
 import torch
 
 GOLDEN = Path(__file__).parent / "golden" / "presets.json"
+PLATFORM = GOLDEN.parent / "platform.json"   # where presets.json was recorded: torch and CPU kernels
 REL = 1e-6
+# On another platform (another torch, or another CPU instruction set: other kernels, other rounding) six
+# steps drift apart. Measured with ATEN_CPU_CAPABILITY=avx2 against the AVX512 record: up to 5e-3
+# relative in a loss, 6e-5 of a checksum's scale, 0.006 in a kNN accuracy; the H200 machine's CPU with
+# torch 2.11 gave the same order. There the check is looser, and says so.
+OTHER_REL, OTHER_KNN = 2e-2, 0.02
 OLD_RUN = "millionway-sampled"          # the old-checkpoint fixture: this run stopped at step 3
 OLD_RUN_DIR = Path(__file__).parent / "golden" / "old-run-millionway"
 
@@ -125,25 +132,37 @@ def run_dist(names, base) -> dict:
     return run_distributed(_dist_worker, 2, list(names), str(base), timeout=600)[0]
 
 
-def close(a, b, scale) -> bool:
-    return abs(a - b) <= REL * max(abs(scale), 1e-12)
+def platform() -> dict:
+    return {"torch": torch.__version__.split("+")[0], "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def recorded_here() -> bool:
+    """True on the platform presets.json was recorded on (the project's CPU and CI): exact check there."""
+    return json.loads(PLATFORM.read_text()) == platform()
 
 
 def compare(got: dict, want: dict) -> list[str]:
-    """Differences beyond 1e-6 relative, as readable lines (empty: equal)."""
+    """Differences beyond 1e-6 relative (elsewhere than the recording platform: beyond OTHER_REL, and
+    OTHER_KNN in a kNN accuracy), as readable lines (empty: equal)."""
+    rel, knn = (REL, REL) if recorded_here() else (OTHER_REL, OTHER_KNN)
+    where = "" if recorded_here() else f" (another platform than the record's: {platform()}, tolerance {rel:g})"
+
+    def close(a, b, scale, tol=rel):
+        return abs(a - b) <= tol * max(abs(scale), 1e-12)
+
     bad = []
     if got["step"] != want["step"] or len(got["losses"]) != len(want["losses"]):
         bad.append(f"steps {got['step']} / {len(got['losses'])} losses, want {want['step']} / {len(want['losses'])}")
     for i, (a, b) in enumerate(zip(got["losses"], want["losses"])):
         if not close(a, b, b):
-            bad.append(f"loss of step {i + 1}: {a!r}, want {b!r}")
+            bad.append(f"loss of step {i + 1}: {a!r}, want {b!r}{where}")
     c, w = got["checksum"], want["checksum"]
     for k in ("sum", "abs_sum", "weighted"):
         if not close(c[k], w[k], w["abs_sum"]):
-            bad.append(f"checksum {k}: {c[k]!r}, want {w[k]!r}")
+            bad.append(f"checksum {k}: {c[k]!r}, want {w[k]!r}{where}")
     for k in ("knn_top1", "knn_top5", "knn_bank_top1"):
-        if (k in want) != (k in got) or (k in want and not close(got[k], want[k], want[k])):
-            bad.append(f"{k}: {got.get(k)!r}, want {want.get(k)!r}")
+        if (k in want) != (k in got) or (k in want and not close(got[k], want[k], 1.0, knn)):
+            bad.append(f"{k}: {got.get(k)!r}, want {want.get(k)!r}{where}")
     return bad
 
 
@@ -167,4 +186,5 @@ if __name__ == "__main__":
         shutil.copytree(Path(tmp) / "old", OLD_RUN_DIR, ignore=shutil.ignore_patterns("tensorboard"))
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(out, indent=1) + "\n")
+    PLATFORM.write_text(json.dumps(platform()) + "\n")
     print(f"wrote {GOLDEN}: {len(out)} runs, and {OLD_RUN_DIR}")

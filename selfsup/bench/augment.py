@@ -39,7 +39,7 @@ import time
 import torch
 
 from ..data.augment import BatchAugment, simclr_augment
-from .common import Bench, cpu_snapshot, others_share, sync, text_table
+from .common import Bench, cpu_snapshot, others_share, progress, sync, text_table
 
 __all__ = ["BENCH", "bench_augment", "source_size", "torchvision_pipeline", "run", "format_table", "main", "DEFAULTS",
            "QUICK"]
@@ -138,6 +138,8 @@ def bench_augment(sizes=DEFAULTS["sizes"], batch=256, workers=(0, 2), batches=2,
             for r in res:
                 t = statistics.median(r.pop("times"))
                 r.update(images_per_s=batch * r["batches"] / t, ms_per_batch=1e3 * t / r["batches"])
+                progress("augment", pipeline=r["pipeline"], device=dev.type, size=size, workers=r["workers"],
+                         images_per_s=r["images_per_s"])
             best = max((r["images_per_s"] for r in res if r["pipeline"] == "torchvision"), default=None)
             res[0]["speedup"] = res[0]["images_per_s"] / best if best else None
             rows += res

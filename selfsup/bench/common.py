@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -90,6 +91,13 @@ def text_table(rows: list[dict], columns: list[tuple]) -> str:
 
     head = " ".join(f"{h:>{w}}" for h, w, _ in columns)
     return "\n".join([head, "-" * len(head)] + [" ".join(f"{text(r, c):>{w}}" for _, w, c in columns) for r in rows])
+
+
+def progress(bench: str, **fields) -> None:
+    """One line on stderr per measured configuration, printed as it is measured: a run cut short (a
+    time limit on a lent GPU) still shows what it got."""
+    text = " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+    print(f"[bench {bench}] {text}", file=sys.stderr, flush=True)
 
 
 def print_result(res: dict) -> dict:

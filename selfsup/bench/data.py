@@ -62,7 +62,7 @@ from ..data.files import decode_bytes, open_imagefolder, open_imagenet_zip
 from ..data.images import IMAGE_EXTENSIONS
 from ..data.loader import StreamLoader
 from ..data.samplers import build_index_schedule
-from .common import Bench, cpu_snapshot, device_name, others_share, sync, text_table
+from .common import Bench, cpu_snapshot, device_name, others_share, progress, sync, text_table
 
 __all__ = ["BENCH", "bench_data", "make_source_set", "default_workers", "run", "format_table", "main", "DEFAULTS",
            "QUICK", "READERS", "DECODES"]
@@ -214,6 +214,7 @@ def _source(cfg: dict, notes: list) -> tuple[str, dict, bool]:
             return root, lay, True
         notes.append(f"source set: {root} (given)")
         return root, lay, False
+    progress("data", generating=root, **spec)
     info = make_source_set(root, **spec)
     notes.append(f"source set: generated in {root} (make_fake_imagenet, {info['classes']} classes x "
                  f"{info['per_class']} images, sides {info['min_size']}-{info['max_size']} px, "
@@ -409,6 +410,8 @@ def bench_data(root: str, layouts: dict, readers=READERS, decodes=DECODES, worke
                                                loader_stat="median" if lo_t else "mean")
                     row["ms_per_batch"] = min(row["ms_per_batch"], 1e3 * e2e_batch)
                     row["loader_ms_per_batch"] = min(row["loader_ms_per_batch"], 1e3 * lo_batch)
+                    progress("data", reader=reader, decode=decode, workers=w, images_per_s=batch / e2e_batch,
+                             loader_only_images_per_s=batch / lo_batch)
         aug_s = min(aug_s, _aug_only(aug, batch, size, device, 3, seed))   # at both ends of the round
     rows = []
     for row in best.values():

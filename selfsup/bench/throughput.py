@@ -49,7 +49,7 @@ from ..config import load_config
 from ..data.datasets import build_dataset
 from ..data.splits import load_split, streams
 from ..engine.data import TrainData
-from ..engine.setup import Env, autocast_dtype, keep_freed_memory, resolve_device
+from ..engine.setup import Env, autocast_dtype, data_on_device, keep_freed_memory, resolve_device
 from ..engine.step import Step, build_model, make_optimizer, wrap_model
 from ..errors import DatasetNotFoundError
 from ..methods import build_method
@@ -262,7 +262,7 @@ def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[di
         keep_freed_memory()   # as the trainer
     try:
         ds = _load_train_set(cfg, stream)
-        if not stream and cfg.data.on_device and device.type == "cuda":
+        if not stream and data_on_device(cfg, device):
             ds = ds.to(device)
         if len(ds) < cfg.train.batch_size:
             raise ValueError(f"dataset has {len(ds)} images, fewer than train.batch_size={cfg.train.batch_size}")

@@ -56,7 +56,7 @@ def crop_box(rng: random.Random, height: int, width: int, scale, ratio) -> tuple
 class ViewReader(torch.utils.data.Dataset):
     """Map-style dataset of (index, seed) items for a DataLoader with a batch sampler.
 
-    Returns (requested index, views or (bytes, boxes), substituted item's location or "").
+    Returns (requested index, views or (bytes, boxes, seed), substituted item's location or "").
     With on_error="skip" an unreadable item is replaced by the next readable one (index + 1, ...)
     and its location returned, so the trainer can count and log it.
     """
@@ -79,7 +79,7 @@ class ViewReader(torch.utils.data.Dataset):
         w0, h0 = im.size
         boxes = self._boxes(seed, h0, w0)
         if self.decode == "device":
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor(boxes, dtype=torch.int64)
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor(boxes, dtype=torch.int64), seed
         need = min(1.0, max(s / min(bh, bw) for (s, _, _), (_, _, bh, bw) in zip(self.specs, boxes)))
         im.draft("RGB", (max(1, math.ceil(w0 * need)), max(1, math.ceil(h0 * need))))
         im = load_rgb(im, self.dset.where(i))
@@ -94,10 +94,17 @@ class ViewReader(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         i, seed = item
+        return (i, *self.read(i, seed))
+
+    def read(self, i: int, seed: int, start: int = 0, check=None):
+        """(item i, or with on_error="skip" the first readable of i + start, i + start + 1, ...; and
+        where(i) if that is not i, else ""). `check(item)` (the main process's decode) may reject an item
+        with DatasetFormatError too, and returns what replaces it."""
         n = len(self.dset)
-        for j in range(_MAX_SUBSTITUTES):
+        for j in range(start, _MAX_SUBSTITUTES):
             try:
-                return i, self._read((i + j) % n, seed), ("" if j == 0 else self.dset.where(i))
+                out = self._read((i + j) % n, seed)
+                return (check(out) if check else out), ("" if j == 0 else self.dset.where(i))
             except DatasetFormatError:
                 if self.on_error != "skip":
                     raise
@@ -106,34 +113,44 @@ class ViewReader(torch.utils.data.Dataset):
 
 
 def _collate(items):
+    """(index, views or [(bytes, boxes, seed)] with decode="device", [substituted location or ""])."""
     index = torch.tensor([it[0] for it in items], dtype=torch.int64)
-    bad = [it[2] for it in items if it[2]]
-    if isinstance(items[0][1], tuple):   # device decode: bytes and boxes stay lists
-        return index, [it[1][0] for it in items], torch.stack([it[1][1] for it in items]), bad
-    views = [torch.stack([it[1][v] for it in items]) for v in range(len(items[0][1]))]
-    return index, views, None, bad
+    where = [it[2] for it in items]
+    if isinstance(items[0][1], tuple):   # device decode: the main process decodes
+        return index, [it[1] for it in items], where
+    return index, [torch.stack([it[1][v] for it in items]) for v in range(len(items[0][1]))], where
 
 
-def decode_on_device(data: list[torch.Tensor], boxes: torch.Tensor, specs, device) -> list[torch.Tensor]:
+def decode_on_device(data: list[torch.Tensor], boxes: torch.Tensor, specs, device,
+                     where: list[str] | None = None) -> list[torch.Tensor]:
     """Decode encoded images (1-D uint8 tensors) on `device` (torchvision.io; JPEG batches on CUDA
-    use nvJPEG) and cut each item's crop boxes (B, V, 4: top, left, h, w) resized to each spec's
-    size (bilinear, antialiased). Returns V uint8 tensors (B, 3, size, size) on `device`."""
+    use nvJPEG, anything else decodes on the CPU) and cut each item's crop boxes (B, V, 4: top, left,
+    h, w) resized to each spec's size (bilinear, antialiased). Returns V uint8 tensors (B, 3, size,
+    size) on `device`. DatasetFormatError naming the item's `where` for an image that does not decode."""
     import warnings
 
     with warnings.catch_warnings():   # torchvision 0.29 deprecates its decoders in favour of TorchCodec
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _decode_on_device(data, boxes, specs, device)
+        return _decode_on_device(data, boxes, specs, device, where)
 
 
-def _decode_on_device(data, boxes, specs, device):
+def _decode_on_device(data, boxes, specs, device, where):
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-    device = torch.device(device)
-    try:
-        imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if device.type == "cuda" else \
-            [decode_image(d, mode=ImageReadMode.RGB) for d in data]
-    except RuntimeError:   # a PNG or CMYK JPEG in the batch: decode one by one on the CPU
-        imgs = [decode_image(d, mode=ImageReadMode.RGB).to(device, non_blocking=True) for d in data]
+    def one(d, w):
+        try:
+            return decode_image(d, mode=ImageReadMode.RGB).to(device, non_blocking=True)
+        except RuntimeError as e:
+            raise DatasetFormatError(f"cannot decode image {w}: {type(e).__name__}: {e}") from e
+
+    device, imgs = torch.device(device), None
+    if device.type == "cuda":
+        try:
+            imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:   # a PNG, CMYK or corrupt JPEG in the batch: decode one by one on the CPU
+            pass
+    if imgs is None:
+        imgs = [one(d, w) for d, w in zip(data, where or [f"#{k} of the batch" for k in range(len(data))])]
     out = []
     for v, (s, _, _) in enumerate(specs):
         crops = []
@@ -172,7 +189,7 @@ class StreamLoader:
                  total: int, seed: int = 0, workers: int = 0, device="cpu", decode: str = "cpu",
                  on_error: str = "raise", prefetch: int = 4):
         self.specs, self.device, self.decode = specs, torch.device(device), decode
-        reader = ViewReader(dset, specs, decode, on_error)
+        self.reader = reader = ViewReader(dset, specs, decode, on_error)
         cuda = self.device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
             reader, batch_sampler=_StepBatches(schedule, rank, world, start, total, seed), num_workers=workers,
@@ -180,12 +197,33 @@ class StreamLoader:
             worker_init_fn=_worker_init if workers else None)
 
     def __iter__(self) -> Iterator:
-        for index, views, boxes, bad in self.loader:
-            if boxes is not None:
-                views = decode_on_device(views, boxes, self.specs, self.device)
+        for index, views, where in self.loader:
+            if self.decode == "device":
+                views = self._decode(index.tolist(), views, where)
             else:
                 views = [v.to(self.device, non_blocking=True) for v in views]
-            yield index, views, bad
+            yield index, views, [w for w in where if w]
+
+    def _decode(self, index: list[int], items, where: list[str]) -> list[torch.Tensor]:
+        """Decode the batch on the device; with on_error="skip" an image that does not decode is
+        replaced as the workers replace an unreadable one, and `where` notes it."""
+        def decode(item):
+            return decode_on_device([item[0]], item[1][None], self.specs, self.device)
+
+        try:
+            return decode_on_device([it[0] for it in items], torch.stack([it[1] for it in items]), self.specs,
+                                    self.device, [self.reader.dset.where(i) for i in index])
+        except DatasetFormatError:
+            if self.reader.on_error != "skip":
+                raise
+        views = []
+        for k, (i, item) in enumerate(zip(index, items)):
+            try:
+                views.append(decode(item))
+            except DatasetFormatError:
+                v, where[k] = self.reader.read(i, item[2], start=1, check=decode)
+                views.append(v)
+        return [torch.cat(v) for v in zip(*views)]
 
 
 def _worker_init(_):

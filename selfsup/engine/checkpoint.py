@@ -3,6 +3,7 @@ run's checkpoint holds (`RunState`: `capture` and `restore`).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -75,16 +76,64 @@ class RunState:
 
 
 def _rng_state(aug_gen: torch.Generator) -> dict:
-    """The global torch (and CUDA) RNG and the augmentation RNG; under DDP every rank's augmentation
-    stream (a collective: every rank calls it), so a resume on the same world size is exact."""
-    state = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state()}
-    if torch.cuda.is_available():
+    """The global torch RNG, the CUDA RNGs (a run on cuda) and the augmentation RNG with the device
+    type it lives on; under DDP every rank's augmentation stream (a collective: every rank calls
+    it), so a resume on the same world size and device type is exact."""
+    state = {"torch": torch.get_rng_state(), "aug": aug_gen.get_state(), "aug_device": aug_gen.device.type}
+    if aug_gen.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state_all()
     if D.is_dist():
         states = [None] * D.world_size()
         dist.all_gather_object(states, state["aug"].cpu())
         state["aug_all"] = states
     return state
+
+
+def _seed_from(name: str, step: int, saved: torch.Tensor) -> int:
+    """A seed for stream `name` that a checkpoint cannot restore here: a hash of the name, the step
+    and the saved state (which holds the run's seed and position), so a resume is deterministic."""
+    h = hashlib.sha256(f"{name}:{step}:".encode() + saved.cpu().numpy().tobytes())
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def _saved_device(rng: dict, here: torch.Generator) -> str:
+    """The device type of the checkpoint's augmentation stream. A checkpoint older than the
+    "aug_device" field: the current device when the state has its size (it then loads as before)."""
+    if "aug_device" in rng:
+        return rng["aug_device"]
+    same = rng["aug"].numel() == here.get_state().numel()
+    return here.device.type if same else ("cpu" if here.device.type != "cpu" else "cuda")
+
+
+def _restore_rng(s: RunState, rng: dict, device: torch.device) -> None:
+    """The RNG part of `restore`. A stream saved on another device type, or CUDA states of another
+    number of GPUs, cannot be loaded: it is re-seeded (`_seed_from`), and rank 0 says so once."""
+    torch.set_rng_state(rng["torch"])
+    aug_on = _saved_device(rng, s.aug_gen)
+    saved_on, here, reseeded = aug_on, device.type, []   # what the note says
+    if here == "cuda":
+        cuda = rng.get("cuda")
+        if cuda is not None and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            torch.cuda.manual_seed_all(_seed_from("cuda", s.step, rng["torch"]))
+            reseeded.append("the CUDA RNG")
+            if cuda is not None and aug_on == "cuda":
+                saved_on, here = f"{len(cuda)} GPUs", f"{torch.cuda.device_count()} GPUs"
+    aug_states, world = rng.get("aug_all") or [rng["aug"]], D.world_size()
+    if len(aug_states) != world:
+        if D.rank() == 0:
+            print(f"[selfsup] resuming on {world} processes from a run on {len(aug_states)}: "
+                  "augmentation streams are re-seeded, so the resume is not bit-exact")
+    elif aug_on != s.aug_gen.device.type:
+        s.aug_gen.manual_seed(_seed_from("aug", s.step, aug_states[D.rank()]))
+        reseeded.insert(0, "the augmentation stream")
+    else:
+        s.aug_gen.set_state(aug_states[D.rank()].to(s.aug_gen.get_state().device))
+    if reseeded and D.rank() == 0:
+        print(f"[selfsup] checkpoint written on {saved_on}, resuming on {here}: {' and '.join(reseeded)} "
+              f"{'is' if len(reseeded) == 1 else 'are'} re-seeded; the run continues but is not "
+              "bit-identical to an uninterrupted one")
 
 
 def capture(s: RunState, config_yaml: str, elapsed: float, log_lines: int) -> dict:
@@ -102,20 +151,11 @@ def capture(s: RunState, config_yaml: str, elapsed: float, log_lines: int) -> di
 
 def restore(s: RunState, ck: dict, device: torch.device) -> None:
     """Put `s` back to checkpoint `ck` (a resume, or a rollback of the non-finite guard). The
-    augmentation streams are restored when the world size is the one at save time; otherwise they
-    are re-seeded (said once), and the resume is exact up to the augmentation."""
+    RNG streams are restored when the world size and device type are the ones at save time;
+    otherwise they are re-seeded (said once), and the resume is exact up to the augmentation."""
     load_state_checked(s.model, ck["model"], "model")
     s.opt.load_state_dict(ck["optimizer"])
     s.sched.load_state_dict(ck["scheduler"])
     s.sampler.load_state_dict(ck.get("sampler") or {"epoch": ck["epoch"], "batch_in_epoch": ck["batch_in_epoch"]})
     s.step, s.nonfinite_events = ck["step"], ck.get("nonfinite_events", 0)
-    rng = ck["rng"]
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and device.type == "cuda":
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    aug_states, world = rng.get("aug_all") or [rng["aug"]], D.world_size()
-    if len(aug_states) == world:
-        s.aug_gen.set_state(aug_states[D.rank()].to(s.aug_gen.get_state().device))
-    elif D.rank() == 0:
-        print(f"[selfsup] resuming on {world} processes from a run on {len(aug_states)}: "
-              "augmentation streams are re-seeded, so the resume is not bit-exact")
+    _restore_rng(s, ck["rng"], device)

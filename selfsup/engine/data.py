@@ -17,7 +17,7 @@ from ..data.loader import StreamLoader
 from ..data.samplers import build_index_schedule
 from ..data.splits import load_split, streams
 from ..errors import ConfigError
-from .setup import Env
+from .setup import Env, data_on_device
 
 __all__ = ["TrainData", "Batch"]
 
@@ -45,7 +45,7 @@ class TrainData:
         d, t = cfg.data, cfg.train
         self.cfg, self.env, self.stream = cfg, env, streams(cfg)
         self.ds = ds if ds is not None else load_split(cfg, d.train_split, self.stream)
-        if not self.stream and d.on_device and env.device.type == "cuda":
+        if not self.stream and data_on_device(cfg, env.device):
             self.ds = self.ds.to(env.device)
         self.size = d.image_size or self.ds.images.shape[-1]
         self.aug = augment_from_config(cfg.aug, self.size)

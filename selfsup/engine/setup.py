@@ -6,6 +6,7 @@ config means the same device, precision and threads everywhere.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from dataclasses import dataclass
 
@@ -15,8 +16,12 @@ from torch import nn
 from ..errors import ConfigError
 from ..parallel import distributed as D
 
-__all__ = ["Env", "setup_env", "resolve_device", "autocast_dtype", "configure_torch", "use_channels_last",
-           "keep_freed_memory"]
+__all__ = ["Env", "setup_env", "resolve_device", "data_on_device", "autocast_dtype", "configure_torch",
+           "use_channels_last", "keep_freed_memory"]
+
+# Device types that data.on_device moves in-memory datasets to. On a CPU the data is already there; the
+# tests add "cpu" to run the accelerator's placement branch (datasets, labels and indices moved) on CI.
+DATA_DEVICE_TYPES = ("cuda",)
 
 
 @dataclass
@@ -36,10 +41,11 @@ class Env:
 
 
 def setup_env(cfg) -> Env:
-    """Join the process group torchrun describes (if any; a group made by the caller is reused), pick
-    the device and precision, and set torch's threads, determinism and allocator for `cfg`."""
-    rank, local_rank, world = D.setup_distributed()
-    device = resolve_device(cfg.device, local_rank)
+    """Pick the device, join the process group torchrun describes (if any; a group made by the caller is
+    reused) on the backend of that device (NCCL for cuda, gloo for cpu), and set precision, torch's
+    threads, determinism and allocator for `cfg`."""
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    rank, local_rank, world = D.setup_distributed("nccl" if device.type == "cuda" else "gloo")
     configure_torch(cfg, device)
     return Env(rank, local_rank, world, device, autocast_dtype(cfg, device))
 
@@ -51,9 +57,18 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process LOCAL_RANK={local_rank} needs GPU {local_rank}, but "
+                              f"{torch.cuda.device_count()} GPU(s) are visible; start at most that many processes "
+                              "per node (torchrun --nproc_per_node) or use device=cpu")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def data_on_device(cfg, device: torch.device) -> bool:
+    """Whether an in-memory (not streamed) dataset is moved to `device` (data.on_device, on a GPU)."""
+    return bool(cfg.data.on_device) and device.type in DATA_DEVICE_TYPES
 
 
 def autocast_dtype(cfg, device: torch.device):

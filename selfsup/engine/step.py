@@ -6,6 +6,7 @@ times this same object (a test checks that), so a benchmark figure is a figure o
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..methods import Method, build_method
@@ -45,11 +46,15 @@ def make_optimizer(model: Method, cfg, steps_per_epoch: int):
 
 
 def wrap_model(model: Method, cfg, env: Env) -> nn.Module:
-    """What the step calls: `model` in DDP under several processes (the method's per-rank state,
-    such as classifier shards, kept out of DDP), then torch.compile'd with train.compile."""
+    """What the step calls: `model` in DDP under several processes, then torch.compile'd with
+    train.compile. Kept out of DDP: the method's per-rank state (classifier shards), and the buffers
+    every rank updates identically (bank, queue), broadcast once here rather than at every forward."""
     net = model
     if env.world > 1:
-        ignored = model.ddp_ignored()   # per-rank state: no broadcast, no gradient sync
+        same = model.rank_identical_buffers()
+        for name in same:
+            dist.broadcast(model.get_buffer(name), src=0)
+        ignored = model.ddp_ignored() + same   # no broadcast, no gradient sync
         if ignored:
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         net = torch.nn.parallel.DistributedDataParallel(

@@ -69,10 +69,11 @@ def classifier_net(encoder: nn.Module, num_classes: int, probe: Tensor, head: nn
             raise ConfigError(f"eval.finetune_from_head_layer={from_head_layer}, but the projection head has "
                               f"{hidden} hidden layer(s) (model.head_layers=2 has 1, 3 has 2)")
         mods += [copy.deepcopy(m) for m in list(head)[:3 * from_head_layer]]
-    net = nn.Sequential(*mods).eval()
+    device = next(encoder.parameters()).device
+    net = nn.Sequential(*mods).to(device).eval()   # the head's layers follow the encoder
     with torch.no_grad():
-        dim = net(probe.to(next(net.parameters()).device)).shape[1]
-    net.append(new_classifier(dim, num_classes, seed))
+        dim = net(probe.to(device)).shape[1]
+    net.append(new_classifier(dim, num_classes, seed).to(device))
     return net
 
 

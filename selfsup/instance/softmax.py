@@ -422,7 +422,8 @@ def topk_similar(
     for c0 in range(0, m, chunk_size):
         wc = _normalize(weight[c0 : c0 + chunk_size].to(dtype))
         ids = torch.arange(offset + c0, offset + c0 + wc.shape[0], device=weight.device)
-        sims = q @ wc.T  # (Q, c)
+        with torch.autocast(weight.device.type, enabled=False):   # ranks in `dtype` under the trainer's bf16 too
+            sims = q @ wc.T  # (Q, c)
         sims.masked_fill_(query_ids[:, None] == ids[None, :], float("-inf"))
         v, j = torch.cat([best_v, sims], 1).topk(k, dim=1)
         best_i = torch.cat([best_i, ids.expand(q.shape[0], -1)], 1).gather(1, j)

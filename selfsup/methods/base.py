@@ -10,6 +10,8 @@ The hooks, in the order the engine calls them:
 * each step: ``make_views`` -> ``forward(views, index)`` -> backward -> the engine's optimiser
   step -> ``optimizer_step(lr)`` -> ``after_step()``; a step dropped by the non-finite guard calls
   ``discard_step()`` instead of the last three;
+* under DDP: ``ddp_ignored()`` (per-rank state) and ``rank_identical_buffers()`` are kept out of
+  DDP's broadcasts;
 * checkpoints: ``gather_sharded_state`` (collective) when ``ddp_ignored()`` is not empty;
 * the kNN monitor: ``encoder`` and ``monitor_bank()``.
 """
@@ -92,6 +94,12 @@ class Method(nn.Module):
     def ddp_ignored(self) -> list[str]:
         """Names of parameters and buffers that differ between ranks (classifier shards): DDP neither
         broadcasts nor synchronises them. Empty by default."""
+        return []
+
+    def rank_identical_buffers(self) -> list[str]:
+        """Names of buffers every rank updates identically from gathered data (InstDisc's bank, MoCo's
+        queue): made equal once when DDP wraps the model, then never broadcast again (DDP would
+        otherwise send them from rank 0 at every forward). Empty by default."""
         return []
 
     def gather_sharded_state(self, state: dict) -> dict:

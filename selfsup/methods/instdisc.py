@@ -99,6 +99,9 @@ class InstDisc(Method):
     def discard_step(self) -> None:
         self._pending = None
 
+    def rank_identical_buffers(self) -> list[str]:
+        return ["bank", "Z"]   # updated from all ranks' features; Z averaged over ranks
+
     def monitor_bank(self) -> Tensor:
         return self.bank
 

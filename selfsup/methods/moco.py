@@ -61,6 +61,9 @@ class MoCo(Method):
         self.register_buffer("queue_src", torch.full((c.queue_size,), -1, dtype=torch.long))
         self._pending_keys: list[Tensor] = []
 
+    def rank_identical_buffers(self) -> list[str]:
+        return ["queue", "queue_ptr", "queue_src"]   # written in after_step from all ranks' keys
+
     def key_modules(self):
         return list(self.key_backbone.modules()) + list(self.key_head.modules())
 

@@ -150,10 +150,10 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, int]:
 
     If ``WORLD_SIZE > 1`` is set, calls ``init_process_group`` with
     ``init_method="env://"`` (``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-    ``MASTER_PORT`` come from the environment).  The backend defaults to
-    ``"nccl"`` when CUDA is available and ``"gloo"`` otherwise; with NCCL the
-    current CUDA device is set to ``LOCAL_RANK``.  If a group is already
-    initialised, it is reused.
+    ``MASTER_PORT`` come from the environment).  The backend follows the
+    device the caller trains on (``"nccl"`` for CUDA tensors, ``"gloo"`` for
+    CPU tensors; default ``"gloo"``); with NCCL the current CUDA device is set
+    to ``LOCAL_RANK``.  If a group is already initialised, it is reused.
 
     Returns:
         ``(rank, local_rank, world_size)``; ``(0, 0, 1)`` when not distributed.
@@ -165,8 +165,7 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, int]:
         return 0, 0, 1
     rank_ = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend or "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, init_method="env://", rank=rank_, world_size=world)

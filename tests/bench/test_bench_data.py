@@ -37,7 +37,7 @@ def test_cli_quick(tmp_path, capsys):
 
     out = tmp_path / "cli.json"
     assert main(["bench", "data", "--quick", "--data", str(tmp_path / "set"), "--readers", "zip-cached",
-                 "--decodes", "device", "--repeats", "2", "--out", str(out)]) == 0
+                 "--decodes", "device", "--repeats", "2", "--device", "cpu", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     _check_rows(rows, ["zip-cached"], ["device"])
     printed = capsys.readouterr().out

@@ -87,7 +87,7 @@ def test_the_bench_times_the_trainers_own_step(monkeypatch, tmp_path):
             return _real(self, *a)
 
         monkeypatch.setattr(Step, name, counted)
-    run({"quick": True, "warmup": 1, "steps": 2})
+    run({"quick": True, "warmup": 1, "steps": 2, "device": "cpu"})   # the CPU priming run is counted too
     assert calls == {"forward_backward": 7, "update": 7}
     calls.update(forward_backward=0, update=0)
     train(load_config(None, TINY + ["train.max_steps=3", "eval.every=0", f"run_dir={tmp_path / 'run'}"]))
