@@ -48,6 +48,8 @@ def _cmd_train(args) -> dict:
                           f"(presets: {', '.join(list_presets())})")
     else:
         cfg = load_config(args.preset, args.overrides)
+    if args.resume_if_exists:
+        cfg.train.resume = "auto"
     # the config is good: now load torch and the engine
     from .engine.trainer import train
 
@@ -63,8 +65,8 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
     import torch
 
     from .config import config_from_text, load_config
-    from .engine.checkpoint import load_checkpoint, load_state_checked
-    from .errors import ConfigError
+    from .engine.checkpoint import load_state_checked
+    from .errors import CheckpointError, ConfigError
     from .methods import build_method
 
     if run:
@@ -76,21 +78,50 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
         if head and not Path(checkpoint).is_file():
             raise ConfigError(f"--head needs the full model: {checkpoint} is missing "
                               "(encoder.safetensors holds the encoder only)")
-    elif checkpoint:   # a selfsup checkpoint carries its own config
+    elif checkpoint:   # a selfsup checkpoint carries its own config; a plain state dict needs --config
+        ck = _read_checkpoint(checkpoint)
+        if "config" not in ck and not config:
+            raise CheckpointError(f"'{checkpoint}' is not a selfsup checkpoint (it holds no config): for an encoder "
+                                  "state dict (torchvision ResNet weights, encoder.safetensors) add --config YAML "
+                                  "(a preset or a run's config.yaml) for the model settings")
         cfg = load_config(config, overrides) if config else \
-            config_from_text(load_checkpoint(checkpoint)["config"], overrides, f"checkpoint {checkpoint}")
+            config_from_text(ck["config"], overrides, f"checkpoint {checkpoint}")
         cfg.run_dir = None
     else:
         raise ConfigError("give --run RUN_DIR, or --checkpoint FILE (with --config if it is not a selfsup checkpoint)")
     model = build_method(cfg)
     if checkpoint:
-        load_state_checked(model, load_checkpoint(checkpoint)["model"], "model")
+        ck = _read_checkpoint(checkpoint)
+        if "model" in ck:
+            load_state_checked(model, ck["model"], "model")
+        elif head:
+            raise CheckpointError(f"--head needs a selfsup checkpoint with the projection head; '{checkpoint}' "
+                                  "holds an encoder state dict only")
+        else:   # torchvision names; its classifier (fc.*) is not part of the encoder
+            load_state_checked(model.encoder, {k: v for k, v in ck.items() if not k.startswith("fc.")}, "encoder")
     else:
-        from safetensors.torch import load_file
-
-        load_state_checked(model.encoder, load_file(str(enc_file)), "encoder")
+        load_state_checked(model.encoder, _read_checkpoint(str(enc_file)), "encoder")
     net = torch.nn.Sequential(model.backbone, model.head) if head else model.encoder
     return cfg, net.to(torch.device("cpu"))
+
+
+def _read_checkpoint(path: str) -> dict:
+    """A checkpoint file as a dict: selfsup's (`torch.load`) or a state dict (.pt, or .safetensors)."""
+    from .engine.checkpoint import load_checkpoint
+    from .errors import CheckpointError
+
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:   # noqa: BLE001 -- truncated or not safetensors
+            raise CheckpointError(f"could not read '{path}' as safetensors: {e} (truncated or not safetensors; "
+                                  "a run's checkpoints/last.pt holds the same encoder: --checkpoint it)") from None
+    ck = load_checkpoint(path)
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"'{path}' holds a {type(ck).__name__}, not a checkpoint or a state dict")
+    return ck
 
 
 def _number_list(text: str, cast, option: str) -> list:
@@ -136,7 +167,7 @@ def _cmd_eval_knn(args) -> dict:
                       list(dict.fromkeys([t0, *ts])), train_ds.num_classes)
     main = next(r for r in table if r["k"] == k0 and r["t"] == t0)
     res = {"knn_top1": main["top1"], **({"knn_top5": main["top5"]} if main["top5"] is not None else {})}
-    res["protocol"] = knn_protocol(cfg)
+    res["protocol"] = knn_protocol(cfg, len(train_ds))
     if args.k or args.t:
         res["sweep"] = [r for k in ks for t in ts for r in table if r["k"] == k and r["t"] == t]
     return _save_eval(cfg, "knn", res)
@@ -203,6 +234,8 @@ def _out_dir(cfg, out: str | None, name: str) -> Path:
     from .errors import ConfigError
 
     if out:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise ConfigError(f"--out {out} is a file; --out takes a folder (new or existing) to write into")
         return Path(out)
     if not cfg.run_dir:
         raise ConfigError("give --out DIR: with --checkpoint there is no run directory to write into")
@@ -303,11 +336,14 @@ def _cmd_bench(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfsup", description="Self-supervised representation learning.")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (also SELFSUP_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model from a preset or YAML config")
     t.add_argument("preset", nargs="?", help="preset name (see --list) or path to a YAML config")
     t.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.epochs=5")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
+    t.add_argument("--resume-if-exists", action="store_true", help="train.resume=auto: resume run_dir when it "
+                   "holds a checkpoint, else start fresh (requeued jobs, torchrun restarts)")
     t.add_argument("--list", action="store_true", help="list the shipped presets")
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("eval", help="evaluate a trained encoder")
@@ -371,19 +407,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def os_error_text(e: OSError) -> str:
+    """An OSError as what happened, to which file, and what to do."""
+    import errno
+
+    what = e.strerror or str(e)
+    where = f" ({e.filename})" if e.filename else ""
+    fix = {errno.ENOSPC: "free some space or write elsewhere (run_dir=..., --out); the last complete "
+                         "checkpoint is intact",
+           errno.EDQUOT: "free some space or write elsewhere (run_dir=..., --out)",
+           errno.EACCES: "choose a folder you may write (run_dir=..., --out, data.index_cache=null)",
+           errno.EPERM: "choose a folder you may write (run_dir=..., --out, data.index_cache=null)",
+           errno.EROFS: "the file system is read-only: choose a writable folder (run_dir=..., --out)",
+           errno.EEXIST: "choose another path or remove it",
+           errno.EISDIR: "give a file, not a folder",
+           errno.ENOTDIR: "a part of the path is a file, not a folder"}.get(e.errno, "check the path")
+    return f"{what}{where}: {fix}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .errors import SelfsupError
+    from .errors import SelfsupError, TrainingStopped
 
     args = build_parser().parse_args(argv)
     # the positional preset may have swallowed the first key=value when only overrides were given
     if getattr(args, "preset", None) and "=" in args.preset and not Path(args.preset).exists():
         args.overrides.insert(0, args.preset)
         args.preset = None
+    debug = args.debug or os.environ.get("SELFSUP_DEBUG", "0") not in ("", "0")
     try:
         result = args.fn(args)
     except (SelfsupError, FileNotFoundError, ValueError) as e:
+        if debug:
+            raise
         print(f"selfsup: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # disk full, permissions, read-only places: the file and the fix
+        if debug:
+            raise
+        print(f"selfsup: error: {os_error_text(e)}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:   # SIGTERM/SIGINT: checkpoint written, rank 0 printed how to resume
+        return e.exit_code
+    except KeyboardInterrupt:      # Ctrl-C outside the training loop
+        print("selfsup: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:   # noqa: BLE001 -- a bug: one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"selfsup: internal error: {type(e).__name__}: {e} (a bug in selfsup: rerun with --debug or "
+              "SELFSUP_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return 1
     if result is not None and os.environ.get("RANK", "0") == "0":   # one line per job, not per rank
         print(json.dumps(result))
     return 0

@@ -15,8 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .errors import ConfigError
 
@@ -138,6 +139,8 @@ class TrainConfig:
                                         # (to the last checkpoint); skip/rollback also scale the lr
     nonfinite_lr_factor: float = 0.5    # lr multiplier applied at each skip / rollback
     nonfinite_max: int = 5              # stop after this many skips / rollbacks in a run
+    resume: str = "never"               # never (only `--resume RUN_DIR`) | auto (resume run_dir when it holds
+                                        # a checkpoint, else start fresh: job arrays, requeues, torchrun restarts)
 
 
 @dataclass
@@ -169,6 +172,11 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:                       # torch.distributed (torchrun)
+    timeout_s: float = 600.0            # a collective waiting longer than this for a stuck or dead rank ends the job
+
+
+@dataclass
 class Config:
     run_dir: Optional[str] = None       # None: runs/<preset>-<timestamp>
     seed: int = 0
@@ -184,6 +192,7 @@ class Config:
     pic: PICConfig = field(default_factory=PICConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def _preset_dir():
@@ -227,7 +236,11 @@ def load_config(preset_or_yaml: str | None = None, overrides: list[str] | None =
         if path.suffix in (".yaml", ".yml") or path.exists():
             if not path.is_file():
                 raise ConfigError(f"config file '{path}' does not exist")
-            cfg = _merge(cfg, OmegaConf.load(path), str(path))
+            try:
+                text = path.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"cannot read config file '{path}': {e}") from None
+            cfg = _merge(cfg, parse_yaml(text, f"config file '{path}'"), str(path))
         else:
             if preset_or_yaml not in list_presets():
                 close = difflib.get_close_matches(preset_or_yaml, list_presets(), n=3)
@@ -235,14 +248,35 @@ def load_config(preset_or_yaml: str | None = None, overrides: list[str] | None =
                 raise ConfigError(f"unknown preset '{preset_or_yaml}'.{hint}\n"
                                   f"Valid presets: {', '.join(list_presets())} (or a path to a YAML file)")
             text = (_preset_dir() / f"{preset_or_yaml}.yaml").read_text()
-            cfg = _merge(cfg, OmegaConf.create(text), f"preset {preset_or_yaml}")
+            cfg = _merge(cfg, parse_yaml(text, f"preset {preset_or_yaml}"), f"preset {preset_or_yaml}")
             cfg.preset = preset_or_yaml
     return _apply_overrides(cfg, overrides)
 
 
 def config_from_text(text: str, overrides: list[str] | None = None, source: str = "config") -> DictConfig:
     """A config from YAML text (e.g. the copy stored inside a checkpoint) plus overrides."""
-    return _apply_overrides(_merge(OmegaConf.structured(Config), OmegaConf.create(text), source), overrides)
+    return _apply_overrides(_merge(OmegaConf.structured(Config), parse_yaml(text, source), source), overrides)
+
+
+def parse_yaml(text: str, source: str) -> DictConfig:
+    """YAML text -> a DictConfig of config keys. ConfigError naming `source` for a syntax error, a tag
+    (`!!python/...`: never constructed), or a top level that is not a mapping of keys."""
+    try:
+        node = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source} is not valid YAML{at}: {problem}; fix that line (key: value lines, "
+                          "no !!python tags)") from None
+    except (OmegaConfBaseException, ValueError, TypeError) as e:
+        raise ConfigError(f"{source} cannot be read as a config: {e}") from None
+    except AssertionError:   # OmegaConf asserts on a document that is one number or boolean
+        node = None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{source} must be a mapping of config keys (lines like 'train: {{epochs: 10}}'), "
+                          f"not a {'list' if node is not None else 'single value'}")
+    return node
 
 
 def _apply_overrides(cfg: DictConfig, overrides: list[str] | None) -> DictConfig:
@@ -270,6 +304,7 @@ CHOICES = {
     "train.schedule": ("cosine", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.nonfinite": ("stop", "skip", "rollback"),
+    "train.resume": ("never", "auto"),
     "eval.linear_mode": ("features", "augment"),
     "eval.linear_schedule": (None, "cosine", "step"),
 }
@@ -337,6 +372,7 @@ RANGES = {
     "eval.finetune_lr": (lambda v: v > 0, "> 0"),
     "eval.finetune_batch_size": (lambda v: v >= 2, ">= 2 (BN in training mode)"),
     "eval.finetune_from_head_layer": (lambda v: v >= 0, ">= 0"),
+    "dist.timeout_s": (lambda v: 0 < v <= 1e6, "in (0, 1e6] (seconds)"),
 }
 
 

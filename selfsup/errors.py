@@ -10,7 +10,7 @@ This is the bottom layer: it imports nothing of the project.
 from __future__ import annotations
 
 __all__ = ["SelfsupError", "ConfigError", "DataError", "DatasetNotFoundError", "DatasetFormatError",
-           "CheckpointError", "NonFiniteLossError"]
+           "CheckpointError", "NonFiniteLossError", "CollectiveTimeoutError", "TrainingStopped"]
 
 
 class SelfsupError(Exception):
@@ -39,3 +39,22 @@ class CheckpointError(SelfsupError, RuntimeError):
 
 class NonFiniteLossError(SelfsupError, RuntimeError):
     """The loss or a parameter became NaN or infinite; training stopped without writing a checkpoint."""
+
+
+class CollectiveTimeoutError(SelfsupError, RuntimeError):
+    """A torch.distributed collective waited longer than dist.timeout_s: another rank is stuck or dead."""
+
+
+class TrainingStopped(Exception):
+    """Training was stopped by a signal after writing a checkpoint (not an error: the run is resumable).
+
+    The command line exits with `exit_code` and prints nothing more (rank 0 has already printed where
+    the checkpoint is and how to resume): 75 (EX_TEMPFAIL, "preempted, resumable") for SIGTERM, 130 for
+    SIGINT (Ctrl-C)."""
+
+    EXIT_CODES = {"SIGTERM": 75, "SIGINT": 130}
+
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.exit_code = self.EXIT_CODES.get(signal_name, 75)

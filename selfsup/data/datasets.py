@@ -6,6 +6,11 @@ with -1 marking unlabelled items. Loaders read the standard on-disk formats
 themselves (idx, CIFAR python pickles, STL-10 binaries, image folders) and
 raise errors that name the files involved.
 
+Where they look: Fashion-MNIST in `root`, then $SELFSUP_DATA, then the system folder (see
+SYSTEM_DATA_ENV_VAR). CIFAR and STL-10 only in `root` (or, when `root` is None, in
+$SELFSUP_DATA), never in system folders; CIFAR batches are pickles, read with a restricted
+unpickler that accepts only containers, bytes, str, numbers and numpy arrays.
+
 Usage::
 
     ds = build_dataset("fashion-mnist", "train")
@@ -134,9 +139,9 @@ def build_dataset(
 # --------------------------------------------------------------------------- #
 # Helpers
 # --------------------------------------------------------------------------- #
-def _candidate_dirs(root: str | None, subdirs: list[str], system: list[str]) -> list[str]:
-    """Folders to search, in order: root (+subdirs), $SELFSUP_DATA (+subdirs), system folders."""
-    bases = [b for b in (root, os.environ.get(DATA_ENV_VAR)) if b]
+def _candidate_dirs(root: str | None, subdirs: list[str], system: list[str], env: bool = True) -> list[str]:
+    """Folders to search, in order: root (+subdirs), $SELFSUP_DATA (+subdirs) if `env`, system folders."""
+    bases = [b for b in (root, os.environ.get(DATA_ENV_VAR) if env else None) if b]
     dirs = []
     for base in bases:
         base = os.path.expanduser(str(base))
@@ -310,10 +315,49 @@ def load_fashion_mnist(split: str, root: str | None = None, download: bool = Fal
 # --------------------------------------------------------------------------- #
 # CIFAR-10 / CIFAR-100 (python pickles)
 # --------------------------------------------------------------------------- #
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """The globals a CIFAR batch may name: numpy array, dtype and scalar reconstruction (under the
+    numpy 1 `numpy.core` and numpy 2 `numpy._core` names), and `_codecs.encode` (how pickle protocol
+    < 3 writes bytes)."""
+    import codecs
+
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:   # numpy 1
+        from numpy.core import multiarray, numeric
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, bytes, str, numbers and numpy arrays only: any other global
+    (os.system, builtins.eval, ...) is refused before it is called, so a crafted file runs no code."""
+
+    def __init__(self, f, path: str):
+        super().__init__(f, encoding="bytes")
+        self.path, self.allowed = path, _numpy_globals()
+
+    def find_class(self, module: str, name: str):
+        obj = self.allowed.get((module, name))
+        if obj is None:
+            raise DatasetFormatError(
+                f"{self.path} is not a CIFAR python batch: it asks to load the global {module}.{name}, "
+                f"which is refused (a genuine batch holds only lists, bytes and numpy arrays); "
+                f"replace it with the file from the official archive")
+        return obj
+
+
 def _unpickle(path: str) -> dict:
+    """The dict in a CIFAR python batch, read with a restricted unpickler (see _BatchUnpickler)."""
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _BatchUnpickler(f, path).load()
+    except DatasetFormatError:
+        raise
     except Exception as e:
         raise DatasetFormatError(f"cannot unpickle {path}: {type(e).__name__}: {e}") from e
     if not isinstance(obj, dict):
@@ -333,7 +377,7 @@ def _load_cifar(split: str, root: str | None, download: bool, image_size: int | 
                 meta_file: str, label_key: str, names_key: str, tv_class: str,
                 default_classes: list[str] | None) -> ImageDataset:
     files = train_files if split == "train" else test_files
-    dirs = _candidate_dirs(root, [folder], system_dirs(folder) + system_dirs(name, folder))
+    dirs = _candidate_dirs(root, [folder], [], env=root is None)
     found = next((d for d in dirs if all(os.path.isfile(os.path.join(d, f)) for f in files)), None)
     extra = ""
     if found is None and download:
@@ -432,7 +476,7 @@ def load_stl10(split: str, root: str | None = None, download: bool = False,
     """STL-10 from root/stl10_binary (or root itself). Images uint8 (N, 3, 96, 96); labels 0..9, -1 unlabelled."""
     parts = split.split("+")
     needed = [f for p in parts for f in _STL_FILES[p] if f]
-    dirs = _candidate_dirs(root, ["stl10_binary"], system_dirs("stl10_binary") + system_dirs("stl10", "stl10_binary"))
+    dirs = _candidate_dirs(root, ["stl10_binary"], [], env=root is None)
     found = next((d for d in dirs if all(os.path.isfile(os.path.join(d, f)) for f in needed)), None)
     extra = ""
     if found is None and download:

@@ -17,15 +17,23 @@ The folder index (the sorted file list and labels) is written once to
 ``data.index_cache`` (default ``~/.cache/selfsup/index``) and reused while the modification
 times of the folder and every sub-folder are unchanged (adding, removing or renaming a file
 changes its folder's time), so millions of files are not re-listed at every start.
+Symlinked folders are followed, each real folder at most once (a symlink loop, or a second
+link to a folder already listed, is skipped), so indexing ends and lists no file twice.
+
+Images are decoded to 8-bit RGB; 16-bit images (e.g. 16-bit grayscale PNG) are scaled to 8 bits
+(value / 257), not clipped.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import sys
 import threading
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,7 +46,7 @@ from .images import IMAGE_EXTENSIONS, ImageDataset
 __all__ = ["FileImageSet", "FolderStore", "ZipStore", "index_folder", "read_file_list", "read_map",
            "open_imagefolder", "open_imagenet_zip", "decode_bytes", "CACHE_MODES"]
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2   # 2: symlinked folders listed once (a version-1 index may hold loop duplicates)
 CACHE_MODES = ("none", "full", "part")
 
 
@@ -87,11 +95,20 @@ class ZipStore:
         return self._zip
 
     def read(self, key: str) -> bytes:
+        """The bytes of member `key`; DatasetFormatError naming zip:member when it is missing or
+        does not read back (bad CRC, corrupt deflate data, truncated member), so data.on_error=skip
+        can skip it."""
         with self._lock:   # one handle per process; threads (indexing, to_memory) take turns
             try:
                 return self.handle().read(key)
             except KeyError:
                 raise DatasetFormatError(f"zip file {self.path} has no member {key}") from None
+            except DatasetFormatError:   # the zip itself does not open (handle() names it)
+                raise
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError,
+                    NotImplementedError, RuntimeError) as e:
+                raise DatasetFormatError(f"cannot read {self.where(key)}: {type(e).__name__}: {e} "
+                                         "(corrupt or truncated zip member)") from e
 
     def where(self, key: str) -> str:
         return f"{self.path}:{key}"
@@ -120,9 +137,24 @@ def load_rgb(im, where: str):
 
     try:
         im.load()
-        return im.convert("RGB")
+        return _to_8bit(im).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DatasetFormatError(f"cannot decode image {where}: {type(e).__name__}: {e}") from e
+
+
+def _to_8bit(im):
+    """A 16-bit grayscale image (modes I;16*, or I holding values above 255) scaled to mode L by
+    value / 257 (rounded), so 0..65535 maps to 0..255 instead of being clipped at 255. PIL already
+    reduces 16-bit RGB(A) PNGs to 8 bits."""
+    from PIL import Image
+
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    a = np.asarray(im).astype(np.int64)
+    if im.mode == "I" and a.size and a.max() <= 255 and a.min() >= 0:
+        return Image.fromarray(a.astype(np.uint8), "L")   # 8-bit values stored in a 32-bit image
+    a = (np.clip(a, 0, 65535) + 128) // 257
+    return Image.fromarray(a.astype(np.uint8), "L")
 
 
 def _draft_size(wh: tuple[int, int], size: int) -> tuple[int, int]:
@@ -148,13 +180,26 @@ def resize_center(im, size: int | None):
 # --------------------------------------------------------------------------- #
 # Index: folder, file list, map file
 # --------------------------------------------------------------------------- #
+def _walk_once(top: str, seen: set[str]):
+    """os.walk(top) following directory symlinks, but entering each real directory at most once:
+    a sub-folder whose real path is in `seen` (already listed, or an ancestor: a symlink loop) is
+    skipped, so loops end and no file is listed twice. Hidden folders are skipped. Yields
+    (dirpath, sorted file names)."""
+    for dirpath, dirnames, fnames in os.walk(top, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
+        yield dirpath, sorted(fnames)
+
+
 def _dir_times(folder: str) -> dict[str, int]:
     """{relative dir: mtime_ns} of `folder` and every folder below it."""
-    out = {}
-    for dirpath, dirnames, _ in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out[os.path.relpath(dirpath, folder)] = os.stat(dirpath).st_mtime_ns
-    return out
+    return {os.path.relpath(dirpath, folder): os.stat(dirpath).st_mtime_ns
+            for dirpath, _ in _walk_once(folder, {os.path.realpath(folder)})}
 
 
 def _times_unchanged(folder: str, times: dict[str, int]) -> bool:
@@ -169,12 +214,18 @@ def _walk_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
     0..C-1 in sorted order; with none, the images directly in `folder` are unlabelled (-1)."""
     subdirs = sorted(d for d in os.listdir(folder) if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
     keys, labels, classes = [], [], []
+    # a class folder is listed only under its own name (a symlink to it from elsewhere is skipped)
+    tops = {d: os.path.realpath(os.path.join(folder, d)) for d in subdirs}
+    seen = {os.path.realpath(folder), *tops.values()}
+    listed = set()
     for d in subdirs:
+        if tops[d] in listed:   # a second name (symlink) for a class folder already listed
+            continue
+        listed.add(tops[d])
         found = []
-        for dirpath, dirnames, fnames in os.walk(os.path.join(folder, d), followlinks=True):
-            dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
+        for dirpath, fnames in _walk_once(os.path.join(folder, d), seen):
             rel = os.path.relpath(dirpath, folder)
-            found.extend(os.path.join(rel, f) for f in sorted(fnames) if _is_image(f))
+            found.extend(os.path.join(rel, f) for f in fnames if _is_image(f))
         if found:
             labels.extend([len(classes)] * len(found))
             classes.append(d)
@@ -206,12 +257,18 @@ def index_folder(folder: str, cache_dir: str | None = DEFAULT_INDEX_CACHE, rebui
     times = _dir_times(folder)
     keys, labels, classes = _walk_folder(folder)
     if path and _times_unchanged(folder, times):   # the tree did not change while it was listed
-        os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"version": INDEX_VERSION, "folder": folder, "dir_times": times, "keys": keys,
-                       "labels": labels, "classes": classes}, f)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump({"version": INDEX_VERSION, "folder": folder, "dir_times": times, "keys": keys,
+                           "labels": labels, "classes": classes}, f)
+            os.replace(tmp, path)
+        except OSError as e:   # the cache is optional: a read-only or full place costs only the next listing
+            print(f"[selfsup] folder index not cached ({e.strerror}: {e.filename or cache_dir}); "
+                  "set data.index_cache to a writable folder, or null", file=sys.stderr)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
     return {"keys": keys, "labels": labels, "classes": classes, "cached": False}
 
 

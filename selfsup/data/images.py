@@ -69,7 +69,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def require_labels(ds: ImageDataset, split: str, what: str) -> None:
-    """ConfigError unless every item of `ds` (split `split`) has a label; `what` names the user."""
+    """ConfigError unless every item of `ds` (split `split`) has a label and there are at least two
+    classes; `what` names the user."""
     if ds.num_classes == 0 or (ds.labels < 0).any():
         raise ConfigError(f"split '{split}' ({ds.name}) has no labels (unlabelled items, label -1): {what} "
                           "needs a labelled split (set eval.train_split / eval.test_split)")
+    if ds.num_classes == 1:
+        raise ConfigError(f"split '{split}' ({ds.name}) has one class only: {what} would score 1.0 by construction; "
+                          "use a split with at least two classes (for a folder: one sub-folder per class)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -139,7 +140,10 @@ def _decode_on_device(data, boxes, specs, device, where):
 
     def one(d, w):
         try:
-            return decode_image(d, mode=ImageReadMode.RGB).to(device, non_blocking=True)
+            img = decode_image(d, mode=ImageReadMode.RGB)
+            if img.dtype == torch.uint16:   # a 16-bit PNG: scale to 8 bits (value / 257), not clip
+                img = ((img.to(torch.int32) + 128) // 257).to(torch.uint8)
+            return img.to(device, non_blocking=True)
         except RuntimeError as e:
             raise DatasetFormatError(f"cannot decode image {w}: {type(e).__name__}: {e}") from e
 
@@ -227,7 +231,11 @@ class StreamLoader:
 
 
 def _worker_init(_):
+    """A worker: one thread; SIGINT/SIGTERM (a Ctrl-C or a scheduler signals the whole process group) are
+    left to the main process, which finishes its step, checkpoints and then shuts the workers down."""
     torch.set_num_threads(1)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 class _CleanReader(torch.utils.data.Dataset):

@@ -3,6 +3,7 @@ run's checkpoint holds (`RunState`: `capture` and `restore`).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -34,8 +35,11 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and "unexpected pos" in str(e):   # torch's writer came up short
+            raise OSError(errno.ENOSPC, "No space left on device: the checkpoint could not be written whole",
+                          str(path)) from None
         raise
 
 

@@ -43,9 +43,9 @@ class Env:
 def setup_env(cfg) -> Env:
     """Pick the device, join the process group torchrun describes (if any; a group made by the caller is
     reused) on the backend of that device (NCCL for cuda, gloo for cpu), and set precision, torch's
-    threads, determinism and allocator for `cfg`."""
+    threads, determinism and allocator for `cfg`. Collectives wait at most dist.timeout_s for a rank."""
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    rank, local_rank, world = D.setup_distributed("nccl" if device.type == "cuda" else "gloo")
+    rank, local_rank, world = D.setup_distributed("nccl" if device.type == "cuda" else "gloo", cfg.dist.timeout_s)
     configure_torch(cfg, device)
     return Env(rank, local_rank, world, device, autocast_dtype(cfg, device))
 

@@ -5,6 +5,7 @@
     data.py       the training set, its index schedule, each step's views -> TrainData
     step.py       the model, the optimiser, and the one training step     -> Step
     guard.py      what a NaN or infinite loss does (train.nonfinite)
+    signals.py    SIGTERM / SIGINT: finish the step, checkpoint, exit resumable (preemption)
     checkpoint.py what a checkpoint holds, written atomically             -> RunState
     logging.py    metrics.jsonl and TensorBoard
     export.py     encoder.safetensors
@@ -13,6 +14,10 @@
 """
 from __future__ import annotations
 
+import math
+import shlex
+import signal
+import sys
 import time
 import warnings
 
@@ -22,7 +27,7 @@ from tqdm import tqdm
 
 from ..config import validate
 from ..data.splits import load_eval_data, pixels
-from ..errors import NonFiniteLossError
+from ..errors import CollectiveTimeoutError, NonFiniteLossError, SelfsupError, TrainingStopped
 from ..eval.features import extract_features
 from ..eval.monitor import monitor_eval
 from ..parallel import distributed as D
@@ -33,6 +38,7 @@ from .guard import BNSnapshot, all_finite, check_params, nonfinite_error, scale_
 from .logging import MetricLogger
 from .runs import checkpoint_path, open_run
 from .setup import setup_env
+from .signals import StopSignals
 from .step import Step, build_model, make_optimizer, wrap_model
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "export_encoder"]
@@ -47,6 +53,14 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     owns_group = not D.is_dist()   # a process group made by the caller is left to the caller
     try:
         return Trainer(cfg, resume).fit()
+    except RuntimeError as e:
+        if isinstance(e, SelfsupError) or not (D.is_dist() and D.is_timeout(e)):
+            raise
+        raise CollectiveTimeoutError(
+            f"a collective did not complete within dist.timeout_s={cfg.dist.timeout_s:g} s: a rank is stuck or dead "
+            f"(rank {D.rank()} of {D.world_size()} gave up waiting). Look at the other ranks and their nodes, then "
+            "resume from the last checkpoint with `selfsup train --resume RUN_DIR`; raise dist.timeout_s if one "
+            "rank legitimately works alone that long (a slow checkpoint save or kNN monitor).") from None
     finally:
         if owns_group:
             D.cleanup_distributed()
@@ -60,7 +74,20 @@ class Trainer:
     def __init__(self, cfg: DictConfig, resume: str | None = None):
         self.cfg, self.env = cfg, setup_env(cfg)
         validate(cfg, self.env.world)
-        self.run_dir, ckpt = open_run(cfg, resume, self.env.main)
+        run = open_run(cfg, resume, self.env.main)   # refusals come before anything is written
+        self.run_dir = run.dir
+        try:
+            self._build(run.ckpt)
+        except BaseException:   # a start that fails leaves no run directory (or files in an empty one)
+            if getattr(self, "logger", None) is not None:
+                self.logger.close()
+            run.abandon()
+            raise
+        run.commit(cfg)   # config.yaml, once start-up is over
+
+    def _build(self, ckpt: dict | None) -> None:
+        """Data, model, optimiser, logger, and the checkpoint's state (a resume) or the data's (a fresh start)."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.data = TrainData(cfg, self.env)
         self.eval_data = self._eval_data()
@@ -81,12 +108,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up parts
     def _eval_data(self):
-        """(train, test) of the kNN monitor, or None (eval.every=0, or an unlabelled train split)."""
+        """(train, test) of the kNN monitor, or None (eval.every=0, an unlabelled or one-class train split)."""
         if self.cfg.eval.every <= 0:
             return None
         train, test = load_eval_data(self.cfg, self.data.ds, self.data.stream)
         if (train.labels < 0).any():
             print(f"[selfsup] split '{self.cfg.eval.train_split}' has no labels: kNN monitor off")
+            return None
+        if train.num_classes == 1:
+            print(f"[selfsup] split '{self.cfg.eval.train_split}' has one class only: kNN monitor off (it would "
+                  "score 1.0 by construction)")
             return None
         return train, test
 
@@ -113,10 +144,26 @@ class Trainer:
         self.bar = tqdm(total=total, initial=s.step, disable=None if self.env.main else True, desc="train",
                         dynamic_ncols=True)
         self.step.net.train()
-        while s.step < total:
-            self._train_step()
+        with StopSignals() as stop:   # SIGTERM / SIGINT: checkpoint and stop after the step (signals.py)
+            while s.step < total:
+                self._train_step()
+                if (self.env.world == 1 or s.step % self.cfg.train.log_every == 0) and \
+                        (signum := stop.agreed(self.env.device)):
+                    self._stop(signum)
+            self.bar.close()
+            return self._finish()
+
+    def _stop(self, signum: int) -> None:
+        """A preemption: checkpoint here, say where and how to resume (rank 0), raise TrainingStopped."""
+        self.checkpoint()
         self.bar.close()
-        return self._finish()
+        self.logger.close()
+        name = signal.Signals(signum).name
+        msg = (f"selfsup: stopped by {name} after step {self.state.step}; checkpoint saved in "
+               f"{checkpoint_path(self.run_dir)}; resume with: selfsup train --resume {shlex.quote(str(self.run_dir))}")
+        if self.env.main:
+            print(msg, file=sys.stderr, flush=True)
+        raise TrainingStopped(name, msg)
 
     def _train_step(self) -> None:
         """One step of the run: data, forward/backward, the guard, the update, then what is due."""
@@ -164,8 +211,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ non-finite values
     def _check_finite(self, loss) -> None:
-        if not torch.isfinite(loss).all():
-            raise self._error(f"loss ({loss.item()})")
+        """NonFiniteLossError on every rank when the loss is not finite on any (a collective under torchrun:
+        every rank takes the same branch, none is left waiting in the next step's collective)."""
+        losses = D.all_gather_no_grad(loss.detach().float().reshape(1), check_shapes=False).tolist()
+        bad = [(r, v) for r, v in enumerate(losses) if not math.isfinite(v)]
+        if bad:
+            n = len(losses)
+            raise self._error(f"loss ({losses[0]})" if n == 1 else
+                              "loss (" + ", ".join(f"rank {r} of {n}: {v}" for r, v in bad) + ")")
 
     def _error(self, what: str) -> NonFiniteLossError:
         step = self.state.step

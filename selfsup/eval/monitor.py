@@ -16,9 +16,11 @@ from .knn import knn_accuracy
 __all__ = ["knn_protocol", "knn_eval", "monitor_eval"]
 
 
-def knn_protocol(cfg) -> str:
-    """How a kNN number was measured, stored beside it."""
-    return (f"weighted kNN k={cfg.eval.knn_k} t={cfg.eval.knn_temperature} on clean (test-transform) "
+def knn_protocol(cfg, n_train: int | None = None) -> str:
+    """How a kNN number was measured, stored beside it; k as used (at most the `n_train` items)."""
+    k = cfg.eval.knn_k if n_train is None else min(cfg.eval.knn_k, n_train)
+    clipped = f" (eval.knn_k={cfg.eval.knn_k} clipped to the {n_train} training items)" if k != cfg.eval.knn_k else ""
+    return (f"weighted kNN k={k}{clipped} t={cfg.eval.knn_temperature} on clean (test-transform) "
             f"features, {cfg.eval.train_split} -> {cfg.eval.test_split}")
 
 
@@ -36,7 +38,7 @@ def monitor_eval(model, cfg, train_ds, test_ds, device, amp, bank_valid: bool) -
     memory bank of the training set (`model.monitor_bank()`; `bank_valid`: the monitor's train split
     is the training set), a second kNN with the bank rows as training features and head-space test
     features."""
-    res = {**knn_eval(model.encoder, cfg, train_ds, test_ds, device, amp), "protocol": knn_protocol(cfg)}
+    res = {**knn_eval(model.encoder, cfg, train_ds, test_ds, device, amp), "protocol": knn_protocol(cfg, len(train_ds))}
     bank = model.monitor_bank()
     if bank is not None and bank_valid:
         fte = extract_features(nn.Sequential(model.backbone, model.head), pixels(test_ds), cfg.eval.batch_size,

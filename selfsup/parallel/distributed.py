@@ -19,6 +19,7 @@ the gradient of the global mean loss over all anchors of all ranks.
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "all_reduce_mean",
     "setup_distributed",
     "cleanup_distributed",
+    "is_timeout",
 ]
 
 
@@ -145,7 +147,7 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     return y / dist.get_world_size()
 
 
-def setup_distributed(backend: str | None = None) -> tuple[int, int, int]:
+def setup_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int, int]:
     """Initialise the default process group from ``torchrun`` environment variables.
 
     If ``WORLD_SIZE > 1`` is set, calls ``init_process_group`` with
@@ -154,6 +156,11 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, int]:
     device the caller trains on (``"nccl"`` for CUDA tensors, ``"gloo"`` for
     CPU tensors; default ``"gloo"``); with NCCL the current CUDA device is set
     to ``LOCAL_RANK``.  If a group is already initialised, it is reused.
+
+    ``timeout_s`` (config ``dist.timeout_s``; None: torch's default) bounds every
+    collective: with gloo a collective that waits longer for a stuck or dead
+    rank raises (see :func:`is_timeout`); with NCCL torch's watchdog aborts
+    the process after it.
 
     Returns:
         ``(rank, local_rank, world_size)``; ``(0, 0, 1)`` when not distributed.
@@ -168,8 +175,16 @@ def setup_distributed(backend: str | None = None) -> tuple[int, int, int]:
     backend = backend or "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank_, world_size=world)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank_, world_size=world, timeout=timeout)
     return rank_, local_rank, world
+
+
+def is_timeout(e: BaseException) -> bool:
+    """Whether `e` is a collective that gave up waiting for another rank after the process group's
+    timeout (gloo: "Timed out waiting ...ms for recv operation to complete")."""
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("timed out" in text or "timeout" in text)
 
 
 def cleanup_distributed() -> None:
