@@ -14,6 +14,8 @@
     selfsup visualize --run RUN_DIR [--method tsne]   2-D map of the features and a
                                                       nearest-neighbour grid (PNG under RUN_DIR/eval)
     selfsup report --run RUN_DIR                      RUN_DIR/report.html and report.md
+    selfsup export --run RUN_DIR --format F --out DIR the encoder for torchvision, timm, hf (model card) or
+                                                      torchvision-detection; `train --init-from DIR` reads it back
     selfsup bench NAME [--quick] ...                  benchmarks (table + JSON); NAME: `selfsup bench --list`
     selfsup fake-imagenet OUT [--classes 4 ...]       a small ImageNet-like set (folders + zips + maps)
 
@@ -50,6 +52,11 @@ def _cmd_train(args) -> dict:
         cfg = load_config(args.preset, args.overrides)
     if args.resume_if_exists:
         cfg.train.resume = "auto"
+    if args.init_from:
+        if args.resume:
+            raise ConfigError("--init-from starts a new run from an exported encoder; --resume continues a run "
+                              "from its checkpoint: give one of them")
+        cfg.model.init_from = args.init_from
     # the config is good: now load torch and the engine
     from .engine.trainer import train
 
@@ -67,7 +74,7 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
     from .config import config_from_text, load_config
     from .engine.checkpoint import load_state_checked
     from .errors import CheckpointError, ConfigError
-    from .methods import build_method
+    from .methods import build_method, load_encoder_state
 
     if run:
         cfg = load_config(str(Path(run) / "config.yaml"), overrides)
@@ -80,6 +87,8 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
                               "(encoder.safetensors holds the encoder only)")
     elif checkpoint:   # a selfsup checkpoint carries its own config; a plain state dict needs --config
         ck = _read_checkpoint(checkpoint)
+        if not config and (Path(checkpoint) / "selfsup.yaml").is_file():   # a timm/hf export keeps the run's config
+            config = str(Path(checkpoint) / "selfsup.yaml")
         if "config" not in ck and not config:
             raise CheckpointError(f"'{checkpoint}' is not a selfsup checkpoint (it holds no config): for an encoder "
                                   "state dict (torchvision ResNet weights, encoder.safetensors) add --config YAML "
@@ -97,8 +106,8 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
         elif head:
             raise CheckpointError(f"--head needs a selfsup checkpoint with the projection head; '{checkpoint}' "
                                   "holds an encoder state dict only")
-        else:   # torchvision names; its classifier (fc.*) is not part of the encoder
-            load_state_checked(model.encoder, {k: v for k, v in ck.items() if not k.startswith("fc.")}, "encoder")
+        else:   # an export (torchvision or timm names); its classifier (fc.*) is not part of the encoder
+            load_encoder_state(model.encoder, ck, checkpoint, cfg.model.backbone)
     else:
         load_state_checked(model.encoder, _read_checkpoint(str(enc_file)), "encoder")
     net = torch.nn.Sequential(model.backbone, model.head) if head else model.encoder
@@ -106,10 +115,14 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
 
 
 def _read_checkpoint(path: str) -> dict:
-    """A checkpoint file as a dict: selfsup's (`torch.load`) or a state dict (.pt, or .safetensors)."""
+    """A checkpoint file as a dict: selfsup's (`torch.load`), a state dict (.pt, or .safetensors), or an
+    export folder (`selfsup export`: timm/hf, torchvision-detection)."""
     from .engine.checkpoint import load_checkpoint
+    from .engine.export import read_export
     from .errors import CheckpointError
 
+    if Path(path).is_dir():
+        return read_export(path)
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -304,6 +317,21 @@ def _cmd_visualize(args) -> dict:
             "points": len(sub), "neighbour_precision": (ny == qy[:, None]).float().mean().item()}
 
 
+def _cmd_export(args) -> dict:
+    from .config import load_config
+    from .engine.export import FORMATS, check_format, export_run
+    from .errors import ConfigError
+
+    cfg_path = Path(args.run) / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"'{args.run}' is not a run directory: {cfg_path} is missing")
+    if args.format not in FORMATS:
+        raise ConfigError(f"unknown export format '{args.format}'. Valid: {', '.join(FORMATS)}")
+    check_format(load_config(str(cfg_path), []), args.format)   # before the weights are read
+    cfg, encoder = load_run_encoder(args.run, None, None, [])
+    return export_run(cfg, encoder, args.format, Path(args.out), Path(args.run))
+
+
 def _cmd_fake_imagenet(args) -> dict:
     from .data.fake import make_fake_imagenet
 
@@ -345,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume-if-exists", action="store_true", help="train.resume=auto: resume run_dir when it "
                    "holds a checkpoint, else start fresh (requeued jobs, torchrun restarts)")
     t.add_argument("--list", action="store_true", help="list the shipped presets")
+    t.add_argument("--init-from", metavar="EXPORT", help="start the encoder from an export (model.init_from): a "
+                   ".safetensors file, a timm/hf or torchvision-detection export folder; everything else fresh")
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("eval", help="evaluate a trained encoder")
     esub = e.add_subparsers(dest="protocol", required=True)
@@ -392,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of the benchmark (--quick, --out ...; "
                    "see `selfsup bench NAME --help`)")
     b.set_defaults(fn=_cmd_bench)
+    ex = sub.add_parser("export", help="write a run's encoder for other libraries: torchvision, timm, hf, "
+                        "torchvision-detection")
+    ex.add_argument("--run", metavar="RUN_DIR", required=True)
+    ex.add_argument("--format", required=True, metavar="F", help="torchvision | timm | hf | torchvision-detection")
+    ex.add_argument("--out", metavar="DIR", required=True, help="output folder (new or existing)")
+    ex.set_defaults(fn=_cmd_export)
     fk = sub.add_parser("fake-imagenet", help="write a small ImageNet-like set (folders, zips, map files) to OUT")
     fk.add_argument("out", metavar="OUT")
     fk.add_argument("--classes", type=int, default=4)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -27,7 +27,7 @@ __all__ = ["Config", "ConfigError", "load_config", "config_from_text", "validate
 # The names the registries of the layers above accept (methods.METHODS, data.datasets.DATASETS,
 # models.backbones.BACKBONES), listed here so that the config is checked without importing them;
 # a test keeps them equal to the registries.
-METHODS = ("instdisc", "moco", "pic", "simclr")
+METHODS = ("instdisc", "moco", "mocov3", "pic", "simclr")
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "imagenet-zip", "stl10", "synthetic")
 STREAMABLE = ("imagefolder", "imagenet-zip")     # file-backed sets that data.stream can read step by step
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet_small")
@@ -68,12 +68,15 @@ class AugConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"          # resnet18 | resnet34 | resnet50 | resnet_small
-    cifar_stem: bool = True             # 3x3 stride-1 conv1, no max-pool (32x32 inputs)
+    backbone: str = "resnet18"          # resnet18 | resnet34 | resnet50 | resnet_small | timm/<any timm model name>
+    backbone_args: Dict[str, Any] = field(default_factory=dict)  # timm/<name> only: timm.create_model kwargs
+                                        # (img_size, patch_size, drop_path_rate (default 0), ...)
+    cifar_stem: bool = True             # 3x3 stride-1 conv1, no max-pool (32x32 inputs); not for timm models
     width: int = 32                     # base width of resnet_small only
     head_layers: int = 2                # 2: SimCLR v1 head, 3: SimCLR v2 head
     head_hidden: Optional[int] = None   # None: the backbone's feature dim
     proj_dim: int = 128
+    init_from: Optional[str] = None     # an export (`selfsup export`, encoder.safetensors): the encoder's start
 
 
 @dataclass
@@ -89,6 +92,17 @@ class MoCoConfig:                       # defaults: the MoCo CIFAR-10 demo
     symmetric: bool = False             # L(q1, k2) + L(q2, k1), both key sets enqueued
     shuffle_bn: bool = True             # cross-rank shuffle BN; split BN on one device
     bn_splits: int = 8                  # sub-batches of split BN (one device only)
+
+
+@dataclass
+class MoCoV3Config:                     # MoCo v3 (Chen, Xie and He 2021); ViT-S/B ImageNet values in the presets
+    temperature: float = 0.2
+    momentum: float = 0.99              # key encoder EMA m0, rising to 1 by a cosine schedule over the run
+    proj_layers: int = 3                # projection head MLP layers (MoCo v3: 3 for ViT, 2 for ResNet)
+    proj_hidden: Optional[int] = None   # hidden width of both heads (MoCo v3: 4096); None: the backbone's feature dim
+    proj_dim: int = 256                 # output of the projection and prediction heads
+    pred_hidden: Optional[int] = None   # predictor hidden width; None: proj_hidden
+    freeze_patch_embed: bool = True     # fixed random patch projection (backbones with a patch_embed: ViTs)
 
 
 @dataclass
@@ -169,6 +183,7 @@ class EvalConfig:
     finetune_lr: Optional[float] = None     # None: 0.05 * finetune_batch_size / 256 (SimCLR)
     finetune_batch_size: int = 256      # minibatch of fine-tuning (capped at the subset's size)
     finetune_from_head_layer: int = 0   # 0: classifier on the backbone; k: after k hidden head layers (SimCLR v2: 1)
+    layer_decay: float = 1.0            # layer-wise lr decay of fine-tuning (MAE/BEiT: lr x d^(L - layer)); 1: off
 
 
 @dataclass
@@ -188,6 +203,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
+    mocov3: MoCoV3Config = field(default_factory=MoCoV3Config)
     instdisc: InstDiscConfig = field(default_factory=InstDiscConfig)
     pic: PICConfig = field(default_factory=PICConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -329,6 +345,12 @@ RANGES = {
     "moco.momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "moco.temperature": (lambda v: v > 0, "> 0"),
     "moco.bn_splits": (lambda v: v >= 1, ">= 1"),
+    "mocov3.temperature": (lambda v: v > 0, "> 0"),
+    "mocov3.momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "mocov3.proj_layers": (lambda v: v >= 1, ">= 1"),
+    "mocov3.proj_hidden": (lambda v: v >= 1, ">= 1"),
+    "mocov3.proj_dim": (lambda v: v >= 1, ">= 1"),
+    "mocov3.pred_hidden": (lambda v: v >= 1, ">= 1"),
     "instdisc.nce_k": (lambda v: v >= 1, ">= 1"),
     "instdisc.temperature": (lambda v: v > 0, "> 0"),
     "instdisc.bank_momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -372,6 +394,7 @@ RANGES = {
     "eval.finetune_lr": (lambda v: v > 0, "> 0"),
     "eval.finetune_batch_size": (lambda v: v >= 2, ">= 2 (BN in training mode)"),
     "eval.finetune_from_head_layer": (lambda v: v >= 0, ">= 0"),
+    "eval.layer_decay": (lambda v: 0 < v <= 1, "in (0, 1] (1: no layer-wise lr decay)"),
     "dist.timeout_s": (lambda v: 0 < v <= 1e6, "in (0, 1e6] (seconds)"),
 }
 
@@ -392,6 +415,12 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
         value = OmegaConf.select(cfg, key)
         if key == "data.name":   # the dataset registry also takes Fashion_MNIST for fashion-mnist
             value = str(value).lower().replace("_", "-")
+        if key == "model.backbone" and str(value).startswith("timm/"):
+            _validate_timm(cfg.model)
+            continue
+        if key == "model.backbone" and value not in valid:
+            raise ConfigError(f"{key}={value!r} is not valid. Choose one of: {', '.join(valid)}, "
+                              "or timm/<name> for any timm model (e.g. timm/vit_small_patch16_224)")
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not valid. Choose one of: {', '.join(map(str, valid))}")
     for key, (ok, what) in RANGES.items():
@@ -409,11 +438,42 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
     if d.sampler == "sliding_window" and d.window < d.stride:
         raise ConfigError(f"data.window={d.window} is smaller than data.stride={d.stride}: some images would never "
                           "be served")
+    if cfg.model.backbone_args and not cfg.model.backbone.startswith("timm/"):
+        raise ConfigError(f"model.backbone_args are for timm/<name> backbones, not model.backbone="
+                          f"{cfg.model.backbone}: remove them or choose a timm backbone")
     if p.smooth_alpha > 0 and p.smooth_k == 0:
         raise ConfigError("pic.smooth_alpha > 0 needs pic.smooth_k > 0 (the number of hard classes)")
     if cfg.eval.train_split == cfg.eval.test_split:
         raise ConfigError(f"eval.train_split and eval.test_split are both '{cfg.eval.test_split}': the kNN memory "
                           "and the labelled subsets must come from a split disjoint from the test split")
+
+
+def _validate_timm(m) -> None:
+    """model.backbone=timm/<name>: the name is one of timm's models (close matches otherwise). timm is
+    imported here, lazily, only for such a backbone, so that a wrong name fails before any data loads."""
+    name = m.backbone[len("timm/"):]
+    for key in m.backbone_args:
+        if not str(key).isidentifier():
+            raise ConfigError(f"model.backbone_args key {key!r} is not a keyword argument name: write "
+                              "model.backbone_args.img_size=32 (or model.backbone_args='{img_size: 32}', with a "
+                              "space after each colon)")
+    if not name:
+        raise ConfigError("model.backbone='timm/' names no model: write timm/<name> (e.g. timm/vit_small_patch16_224)")
+    check_timm_name(name)
+
+
+def check_timm_name(name: str) -> None:
+    """ConfigError unless `name` is one of timm's models (with close matches). Imports timm."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"model.backbone=timm/{name} needs timm: pip install timm==1.0.31") from None
+    names = timm.list_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5)
+        hint = f" Close matches: {', '.join('timm/' + c for c in close)}." if close else ""
+        raise ConfigError(f"model.backbone=timm/{name}: timm {timm.__version__} has no model '{name}'.{hint} "
+                          "All names: python -c 'import timm; print(timm.list_models())'")
 
 
 def uses_stream(d) -> bool:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["nt_xent", "nt_xent_local", "info_nce", "nce_loss", "nce_normalizer", "instance_softmax",
-           "compute_dtype"]
+__all__ = ["nt_xent", "nt_xent_local", "info_nce", "mocov3_contrastive", "nce_loss", "nce_normalizer",
+           "instance_softmax", "compute_dtype"]
 
 
 def compute_dtype(*xs: Tensor) -> torch.dtype:
@@ -118,6 +118,34 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.1) -> T
         logits = torch.cat([pos, neg], dim=1) / temperature  # (B, 1+K)
         labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         return F.cross_entropy(logits, labels)
+
+
+def mocov3_contrastive(q: Tensor, k_all: Tensor, offset: int, temperature: float = 0.2) -> Tensor:
+    """InfoNCE of MoCo v3 against the keys of the whole (global) batch, no queue (pure function).
+
+    Args:
+        q: ``(B, D)`` local queries (predictor outputs); k_all: ``(N, D)`` keys of every rank
+            (``N = world*B``, no gradient expected), holding this rank's keys at rows
+            ``offset : offset+B``.  Both are L2-normalised here.
+        offset: global index of this rank's first sample (``rank * B``).
+        temperature: softmax temperature ``t``.
+
+    Returns:
+        Scalar ``2 t * cross_entropy(q @ k_all.T / t, offset + arange(B))`` (mean over the ``B``
+        queries; the ``2 t`` factor is MoCo v3's).  Computed in float32 (float64 if an input is
+        float64) with autocast disabled.
+    """
+    if q.dim() != 2 or k_all.dim() != 2 or k_all.shape[1] != q.shape[1]:
+        raise ValueError(f"bad shapes q {tuple(q.shape)}, k_all {tuple(k_all.shape)}")
+    b, n = q.shape[0], k_all.shape[0]
+    if not 0 <= offset <= n - b:
+        raise ValueError(f"offset {offset} out of range for B={b}, N={n}")
+    dtype = compute_dtype(q, k_all)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = F.normalize(q.to(dtype), dim=1)
+        k_all = F.normalize(k_all.to(dtype), dim=1)
+        labels = offset + torch.arange(b, device=q.device)
+        return F.cross_entropy(q @ k_all.T / temperature, labels) * (2 * temperature)
 
 
 def _nce_scores(f: Tensor, bank_pos: Tensor, bank_noise: Tensor, temperature: float) -> tuple[Tensor, Tensor]:

@@ -98,20 +98,46 @@ class LARS(Optimizer):
         return loss
 
 
+# Vision-transformer tensors kept out of weight decay (as timm, MAE, MoCo v3): position embeddings and
+# the class / register / distillation tokens, by the name's end; plus any module's `no_weight_decay()`.
+NO_DECAY_SUFFIXES = ("pos_embed", "cls_token", "reg_token", "dist_token")
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Full parameter names that the modules of `model` (timm models) list in `no_weight_decay()`."""
+    names = set()
+    for prefix, mod in model.named_modules():
+        fn = getattr(mod, "no_weight_decay", None)
+        if not callable(fn):
+            continue
+        try:
+            listed = fn()
+        except TypeError:
+            continue
+        names |= {f"{prefix}.{n}" if prefix else n for n in listed}
+    return names
+
+
 def param_groups(model: nn.Module, weight_decay: float, exclude_bn_bias: bool = True) -> list[dict]:
     """Split a model's trainable parameters into optimiser param groups.
 
     Returns ``[{"params": weights with ndim > 1, "weight_decay": weight_decay},
-    {"params": ndim <= 1 tensors (biases, BN/LN scales and shifts),
-    "weight_decay": 0.0, "lars_exclude": True}]``; empty groups are dropped.
-    With ``exclude_bn_bias=False`` a single group with all parameters and
+    {"params": ndim <= 1 tensors (biases, BN/LN scales and shifts) and ViT position embeddings and
+    class/register/distillation tokens (names ending in NO_DECAY_SUFFIXES, or listed by a timm
+    module's ``no_weight_decay()``), "weight_decay": 0.0, "lars_exclude": True}]``; empty groups are
+    dropped. With ``exclude_bn_bias=False`` a single group with all parameters and
     ``weight_decay`` is returned.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not exclude_bn_bias:
-        return [{"params": params, "weight_decay": weight_decay}]
-    decay = [p for p in params if p.ndim > 1]
-    excluded = [p for p in params if p.ndim <= 1]
+        return [{"params": [p for _, p in named], "weight_decay": weight_decay}]
+    listed = _no_decay_names(model)
+
+    def excluded_(name: str, p) -> bool:
+        return p.ndim <= 1 or name in listed or name.endswith(NO_DECAY_SUFFIXES)
+
+    decay = [p for n, p in named if not excluded_(n, p)]
+    excluded = [p for n, p in named if excluded_(n, p)]
     groups = []
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay})

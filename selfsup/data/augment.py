@@ -34,7 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# the normalisation of every view and of the clean (evaluation) transform; exports record it
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.5, 0.5, 0.5)
+
 __all__ = [
+    "IMAGE_MEAN",
+    "IMAGE_STD",
     "BatchAugment",
     "eval_transform",
     "simclr_augment",
@@ -355,8 +361,8 @@ class BatchAugment:
         blur_kernel_frac=0.1,
         solarize_p=0.0,
         solarize_threshold=0.5,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
+        mean=IMAGE_MEAN,
+        std=IMAGE_STD,
     ):
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
@@ -484,7 +490,7 @@ class BatchAugment:
 
 
 def eval_transform(
-    images: Tensor, size: int | None = None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    images: Tensor, size: int | None = None, mean=IMAGE_MEAN, std=IMAGE_STD
 ) -> Tensor:
     """Deterministic ("clean") evaluation transform.
 

@@ -1,17 +1,248 @@
-"""Export a trained encoder: RUN_DIR/encoder.safetensors (torchvision ResNet key names, no fc)."""
+"""Export a trained encoder, and read an export back.
+
+    RUN_DIR/encoder.safetensors       written at the end of every run (the encoder's own key names:
+                                      torchvision's for the torchvision ResNets, no fc)
+    selfsup export --format F:
+      torchvision             DIR/encoder.safetensors: torchvision.models.resnetXX().load_state_dict(sd,
+                              strict=False) misses only fc.* (a CIFAR stem: conv1 is 3x3 stride 1, no max-pool)
+      timm                    DIR/model.safetensors + DIR/config.json: timm.create_model("local-dir:DIR",
+                              pretrained=True, num_classes=0)
+      hf                      the timm folder plus a model card DIR/README.md (evaluation table, how to load)
+      torchvision-detection   DIR/backbone_body.safetensors: model.backbone.body.load_state_dict(sd) of
+                              torchvision's fasterrcnn_resnet50_fpn (FrozenBatchNorm2d: no num_batches_tracked)
+
+Which formats fit which backbone: `export_formats(cfg)`. timm's ResNets use torchvision's key names,
+so a torchvision ResNet (without the CIFAR stem) is timm's architecture of the same name.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
-__all__ = ["export_encoder"]
+from ..data.augment import IMAGE_MEAN, IMAGE_STD
+from ..errors import CheckpointError, ConfigError
+
+__all__ = ["export_encoder", "export_formats", "export_run", "read_export", "FORMATS"]
+
+FORMATS = ("torchvision", "timm", "hf", "torchvision-detection")
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50")
+NATIVE_SIZE = {"fashion-mnist": 28, "cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": 32}
+WHAT_FITS = ("torchvision, timm, hf and torchvision-detection fit a torchvision ResNet (model.backbone=resnet18|34|50) "
+             "with model.cifar_stem=false; torchvision alone fits one with the CIFAR stem; timm and hf fit a timm "
+             "backbone (model.backbone=timm/<name>); none fits resnet_small (its RUN_DIR/encoder.safetensors loads "
+             "back into selfsup: `selfsup train --init-from`, `selfsup eval ... --checkpoint FILE --config YAML`)")
 
 
-def export_encoder(encoder: torch.nn.Module, path: Path) -> None:
+def export_encoder(encoder: torch.nn.Module, path: Path, drop_num_batches: bool = False) -> None:
     """Save the encoder's state dict as safetensors, atomically (temp file, then rename)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()
+             if not (drop_num_batches and k.endswith("num_batches_tracked"))}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "producer": "selfsup"})
     tmp.replace(path)
+
+
+def export_formats(cfg) -> list[str]:
+    """The export formats that fit the run's backbone."""
+    name = cfg.model.backbone
+    if name in TORCHVISION_RESNETS:
+        return ["torchvision"] if cfg.model.cifar_stem else list(FORMATS)
+    if name.startswith("timm/"):
+        return ["timm", "hf"]
+    return []
+
+
+def check_format(cfg, fmt: str) -> None:
+    """ConfigError unless `fmt` fits the run's backbone; the message says what fits."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format '{fmt}'. Valid: {', '.join(FORMATS)}")
+    fits = export_formats(cfg)
+    if fmt not in fits:
+        stem = " with the CIFAR stem (3x3 stride-1 conv1, no max-pool)" if cfg.model.cifar_stem and \
+            cfg.model.backbone in TORCHVISION_RESNETS else ""
+        raise ConfigError(f"--format {fmt} does not fit this run's backbone, "
+                          f"model.backbone={cfg.model.backbone}{stem}: "
+                          f"{'for it use --format ' + ' or '.join(fits) if fits else 'no export format fits it'}. "
+                          f"{WHAT_FITS}")
+
+
+def input_size(cfg) -> int:
+    return int(cfg.data.image_size or NATIVE_SIZE.get(cfg.data.name, 224))
+
+
+def timm_config(cfg, encoder: torch.nn.Module) -> dict:
+    """timm's config.json for the encoder (num_classes 0: pooled features)."""
+    name = cfg.model.backbone
+    own = dict(getattr(encoder, "pretrained_cfg", None) or {})   # a timm backbone carries its own
+    arch = name.removeprefix("timm/")
+    size = input_size(cfg)
+    pool = getattr(encoder, "global_pool", None)   # a timm ViT: "token" or "avg"
+    pretrained = {k: v for k, v in own.items() if k in ("first_conv", "classifier", "interpolation", "pool_size",
+                                                         "fixed_input_size")}
+    pretrained.update({"tag": "selfsup", "custom_load": False, "input_size": [3, size, size],
+                       "crop_pct": 1.0, "crop_mode": "center", "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD),
+                       "num_classes": 0})
+    pretrained.setdefault("interpolation", "bilinear")
+    pretrained.setdefault("first_conv", "conv1")
+    pretrained.setdefault("classifier", "fc")
+    out = {"architecture": arch, "num_classes": 0, "num_features": int(getattr(encoder, "num_features", 0) or
+                                                                      (2048 if arch == "resnet50" else 512)),
+           "global_pool": pool if isinstance(pool, str) and pool else "avg", "pretrained_cfg": pretrained}
+    args = OmegaConf.to_container(cfg.model.backbone_args) if name.startswith("timm/") and \
+        cfg.model.get("backbone_args") else {}
+    if args:
+        out["model_args"] = args
+    return out
+
+
+def _eval_rows(run_dir: Path) -> list[tuple[str, str, str]]:
+    """(what, metrics, protocol) of the run's evaluations: RUN_DIR/eval/*.json and the final line of metrics.jsonl."""
+    rows = []
+    for f in sorted((run_dir / "eval").glob("*.json")):
+        try:
+            res = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(res, dict):
+            nums = ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float))
+            rows.append((f"eval {f.stem}", nums, str(res.get("protocol", ""))))
+    final = None
+    if (run_dir / "metrics.jsonl").is_file():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("event") == "final":
+                final = ev
+    if final:
+        nums = ", ".join(f"{k} {final[k]:.4f}" for k in final if k.startswith("knn_") and isinstance(final[k], float))
+        if nums:
+            rows.append(("kNN monitor at the end of training", nums, str(final.get("protocol", ""))))
+    return rows
+
+
+def _model_card(cfg, run_dir: Path, timm_cfg: dict) -> str:
+    rows = _eval_rows(run_dir)
+    table = "\n".join(f"| {w} | {m} | {p.replace('|', '/')} |" for w, m, p in rows) or "| (none yet) | | |"
+    preset = cfg.get("preset", None) or "(see selfsup.yaml)"
+    return f"""---
+library_name: timm
+tags: [image-feature-extraction, self-supervised, selfsup, {cfg.method}]
+---
+# {cfg.method} {timm_cfg['architecture']} encoder (selfsup)
+
+Self-supervised encoder trained with `selfsup` ({cfg.method}); its classifier is removed
+(`num_classes=0`: {timm_cfg['num_features']}-d pooled features).
+
+- method: {cfg.method}; preset: {preset}; the whole config: `selfsup.yaml`
+- backbone: {cfg.model.backbone}
+- data: {cfg.data.name} (split {cfg.data.train_split}), {input_size(cfg)} px, mean {list(IMAGE_MEAN)}, std {list(IMAGE_STD)}
+- epochs: {cfg.train.epochs}, batch size {cfg.train.batch_size}
+
+## Evaluation
+
+| evaluation | result | protocol |
+|---|---|---|
+{table}
+
+## How to load
+
+```python
+import timm
+model = timm.create_model("local-dir:THIS_FOLDER", pretrained=True, num_classes=0)   # or "hf-hub:USER/REPO"
+```
+Back into selfsup: `selfsup train PRESET --init-from THIS_FOLDER`, `selfsup eval knn --checkpoint THIS_FOLDER`.
+"""
+
+
+DETECTION_README = """# torchvision detection backbone (selfsup export)
+
+`backbone_body.safetensors` holds the ResNet body (conv1, bn1, layer1..4) of a selfsup encoder,
+without `num_batches_tracked` (detection models use FrozenBatchNorm2d):
+
+```python
+import torchvision
+from safetensors.torch import load_file
+model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=N)
+model.backbone.body.load_state_dict(load_file("backbone_body.safetensors"))
+```
+For resnet18/34: `torchvision.models.detection.backbone_utils.resnet_fpn_backbone(backbone_name="{name}",
+weights=None)` and the same `.body.load_state_dict`. Images: mean {mean}, std {std} at training time
+(set `image_mean`/`image_std` of the detector to match).
+"""
+
+
+def export_run(cfg, encoder: torch.nn.Module, fmt: str, out: Path, run_dir: Path) -> dict:
+    """Write `encoder` (of the run in `run_dir`, config `cfg`) to folder `out` in format `fmt`; return what
+    was written."""
+    check_format(cfg, fmt)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; --out takes a folder (new or existing) to write into")
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = encoder.cpu()
+    if (run_dir / "config.yaml").is_file():   # the run's config: `selfsup eval --checkpoint DIR` needs no --config
+        (out / "selfsup.yaml").write_text((run_dir / "config.yaml").read_text())
+    res = {"format": fmt, "out": str(out), "backbone": cfg.model.backbone, "config": "selfsup.yaml"}
+    if fmt == "torchvision":
+        export_encoder(encoder, out / "encoder.safetensors")
+        res["files"] = ["encoder.safetensors"]
+        res["load"] = (f"torchvision.models.{cfg.model.backbone}().load_state_dict(load_file(...), strict=False) "
+                       "(missing: fc.*)")
+        if cfg.model.cifar_stem:
+            res["note"] = ("CIFAR stem: conv1 is 3x3 stride 1 and there is no max-pool; set model.conv1 = "
+                           "nn.Conv2d(3, 64, 3, 1, 1, bias=False) and model.maxpool = nn.Identity() before loading")
+        return res
+    if fmt == "torchvision-detection":
+        export_encoder(encoder, out / "backbone_body.safetensors", drop_num_batches=True)
+        (out / "README.md").write_text(DETECTION_README.format(name=cfg.model.backbone, mean=list(IMAGE_MEAN),
+                                                               std=list(IMAGE_STD)))
+        res["files"] = ["backbone_body.safetensors", "README.md"]
+        res["load"] = "fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).backbone.body.load_state_dict(sd)"
+        return res
+    tcfg = timm_config(cfg, encoder)
+    export_encoder(encoder, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
+    res["files"] = ["model.safetensors", "config.json"]
+    if fmt == "hf":
+        (out / "README.md").write_text(_model_card(cfg, run_dir, tcfg))
+        res["files"].append("README.md")
+    res["load"] = f'timm.create_model("local-dir:{out}", pretrained=True, num_classes=0)'
+    return res
+
+
+EXPORT_FILES = {"model.safetensors": "a timm/hf export", "backbone_body.safetensors": "a torchvision-detection export"}
+
+
+def read_export(path: str) -> dict:
+    """The encoder state dict of an export: a .safetensors file (torchvision names, or any selfsup encoder),
+    a timm/hf folder (model.safetensors + config.json) or a torchvision-detection folder
+    (backbone_body.safetensors). CheckpointError naming what is missing and what fits."""
+    p = Path(path)
+    fits = ("an export is a .safetensors file (torchvision names: RUN_DIR/encoder.safetensors, `selfsup export "
+            "--format torchvision`), a timm/hf folder (model.safetensors + config.json) or a torchvision-detection "
+            "folder (backbone_body.safetensors)")
+    if not p.exists():
+        raise CheckpointError(f"'{path}' does not exist: {fits}")
+    if p.is_dir():
+        if (p / "backbone_body.safetensors").is_file():
+            f = p / "backbone_body.safetensors"
+        elif (p / "model.safetensors").is_file() and (p / "config.json").is_file():
+            f = p / "model.safetensors"
+        else:
+            missing = [n for n in ("model.safetensors", "config.json") if not (p / n).is_file()]
+            raise CheckpointError(f"export folder '{path}' has no {' and no '.join(missing)}: {fits} (re-export it "
+                                  "with `selfsup export --run RUN_DIR --format timm --out DIR`)")
+    elif p.suffix == ".safetensors":
+        f = p
+    else:
+        raise CheckpointError(f"'{path}' is not an export: {fits}")
+    try:
+        return load_file(str(f))
+    except Exception as e:   # noqa: BLE001 -- truncated or not safetensors
+        raise CheckpointError(f"could not read '{f}' as safetensors: {e} (truncated or not safetensors: "
+                              "export it again)") from None

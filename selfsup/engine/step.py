@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ConfigError
 from ..methods import Method, build_method
 from ..optim import build_optimizer, build_scheduler, param_groups
 from .setup import Env, use_channels_last
@@ -16,11 +17,12 @@ from .setup import Env, use_channels_last
 __all__ = ["Step", "build_model", "wrap_model", "make_optimizer"]
 
 
-def build_model(cfg, num_samples: int, env: Env) -> tuple[Method, bool]:
+def build_model(cfg, num_samples: int, env: Env, encoder_state: dict | None = None) -> tuple[Method, bool]:
     """(the method module of `cfg` set up for `num_samples` instances on the device, whether its
     activations are channels-last). Synchronised BN replaces BN under several GPU processes
-    (train.sync_bn; torch's SyncBatchNorm has no CPU kernel)."""
-    model = build_method(cfg)
+    (train.sync_bn; torch's SyncBatchNorm has no CPU kernel). `encoder_state`: the encoder starts from
+    these weights (model.init_from)."""
+    model = build_method(cfg, encoder_state, cfg.model.get("init_from") or "")
     model.setup(num_samples)   # per-instance state (InstDisc memory bank, PIC rows) sized from the dataset
     model = model.to(env.device)
     channels_last = use_channels_last(cfg, model, env.device)
@@ -29,6 +31,15 @@ def build_model(cfg, num_samples: int, env: Env) -> tuple[Method, bool]:
     if env.world > 1 and cfg.train.sync_bn and env.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model, channels_last
+
+
+def check_input_size(backbone: nn.Module, size: int) -> None:
+    """A ViT reads one image size (its patch grid): a ConfigError when the training images differ."""
+    pe = getattr(backbone, "patch_embed", None)
+    want = getattr(pe, "img_size", None)
+    if want is not None and getattr(pe, "strict_img_size", True) and tuple(want) != (size, size):
+        raise ConfigError(f"the ViT reads {want[0]}x{want[1]} images but the training images are {size}x{size}: "
+                          f"set model.backbone_args.img_size={size}, or data.image_size={want[0]}")
 
 
 def make_optimizer(model: Method, cfg, steps_per_epoch: int):

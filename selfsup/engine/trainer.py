@@ -33,13 +33,13 @@ from ..eval.monitor import monitor_eval
 from ..parallel import distributed as D
 from .checkpoint import RunState, capture, load_checkpoint, restore, save_checkpoint
 from .data import TrainData
-from .export import export_encoder
+from .export import export_encoder, read_export
 from .guard import BNSnapshot, all_finite, check_params, nonfinite_error, scale_lr
 from .logging import MetricLogger
 from .runs import checkpoint_path, open_run
 from .setup import setup_env
 from .signals import StopSignals
-from .step import Step, build_model, make_optimizer, wrap_model
+from .step import Step, build_model, check_input_size, make_optimizer, wrap_model
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "export_encoder"]
 
@@ -89,9 +89,12 @@ class Trainer:
         """Data, model, optimiser, logger, and the checkpoint's state (a resume) or the data's (a fresh start)."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
+        init_from = cfg.model.get("init_from")   # a fresh run from an exported encoder; a resume has its own
+        init = read_export(init_from) if init_from and ckpt is None else None
         self.data = TrainData(cfg, self.env)
         self.eval_data = self._eval_data()
-        self.model, self.channels_last = build_model(cfg, len(self.data.ds), self.env)
+        self.model, self.channels_last = build_model(cfg, len(self.data.ds), self.env, init)
+        check_input_size(self.model.backbone, self.data.size)
         opt, sched = make_optimizer(self.model, cfg, self.data.steps_per_epoch)
         self.state = RunState(self.model, opt, sched, self.data.sampler, self.data.aug_gen,
                               self.data.steps_per_epoch)

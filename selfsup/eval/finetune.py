@@ -6,6 +6,12 @@ augmentation only, BN in training mode, cosine lr decay without warm-up; lr 0.05
 60 epochs for 1% and 30 for 10% unless set. ``from_head_layer=k`` keeps the first k hidden layers
 (Linear-BN-ReLU) of the projection head under the classifier (SimCLR v2 fine-tunes from the first).
 
+Layer-wise lr decay (``eval.layer_decay`` = d < 1, as MAE/BEiT fine-tune ViTs): a parameter of layer
+i gets lr x d^(L - i). A timm ViT: patch_embed / cls_token / pos_embed (and reg/dist tokens) are
+layer 0, blocks.k is layer k + 1, everything after (final norm, head layers, the new classifier)
+is L = depth + 1. A ResNet (torchvision, timm or resnet_small): the stem is 0, stage k (layer1..4,
+or resnet_small's layers.0..3) is k, everything after is L = 5.
+
 Subsets: the same number of items from every class, round(fraction * N / num_classes), chosen at
 random from a seed (fraction 1: the whole split); they index the train split, never the test split.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,10 +84,58 @@ def classifier_net(encoder: nn.Module, num_classes: int, probe: Tensor, head: nn
     return net
 
 
+_VIT_STEM = ("patch_embed", "cls_token", "pos_embed", "reg_token", "dist_token")
+
+
+def encoder_layers(encoder: nn.Module) -> tuple[int, Callable[[str], int]]:
+    """(L, layer_id): the number of layers of `encoder` for layer-wise lr decay and the layer of a
+    parameter name relative to it (0 .. L; L for anything after the last block). A timm ViT (blocks
+    + patch_embed) or a ResNet; other encoders raise ConfigError."""
+    blocks = getattr(encoder, "blocks", None)
+    if blocks is not None and hasattr(encoder, "patch_embed"):
+        num = len(blocks) + 1
+
+        def vit(name: str) -> int:
+            if name.startswith(_VIT_STEM):
+                return 0
+            if name.startswith("blocks."):
+                return int(name.split(".")[1]) + 1
+            return num
+        return num, vit
+    if hasattr(encoder, "conv1") and (all(hasattr(encoder, f"layer{k}") for k in range(1, 5))
+                                      or hasattr(encoder, "layers")):
+        def resnet(name: str) -> int:
+            first = name.split(".")[0]
+            if first in ("conv1", "bn1", "act1"):
+                return 0
+            if first.startswith("layer") and first[5:].isdigit():
+                return int(first[5:])
+            if first == "layers":   # resnet_small: layers.0..3 are its stages 1..4
+                return int(name.split(".")[1]) + 1
+            return 5
+        return 5, resnet
+    raise ConfigError(f"eval.layer_decay < 1 works for timm ViTs and ResNets, not a {type(encoder).__name__} "
+                      "encoder: set eval.layer_decay=1")
+
+
+def layer_decay_groups(net: nn.Sequential, lr: float, layer_decay: float) -> list[dict]:
+    """Param groups of a `classifier_net` (encoder first) with lr x layer_decay^(L - layer id); the
+    layers after the encoder (head layers, classifier) are layer L and keep `lr`."""
+    num, layer_id = encoder_layers(net[0])
+    groups: dict[int, list] = {}
+    for name, p in net.named_parameters():
+        first, _, rest = name.partition(".")
+        i = layer_id(rest) if first == "0" else num
+        groups.setdefault(i, []).append(p)
+    return [{"params": ps, "lr": lr * layer_decay ** (num - i), "layer_id": i} for i, ps in sorted(groups.items())]
+
+
 def finetune(net: nn.Module, train_ds, idx: Tensor, *, epochs: int, lr: float, batch_size: int = 256,
-             crop_scale=(0.08, 1.0), image_size: int | None = None, device=None, amp=None, seed: int = 0) -> nn.Module:
+             crop_scale=(0.08, 1.0), image_size: int | None = None, device=None, amp=None, seed: int = 0,
+             layer_decay: float = 1.0) -> nn.Module:
     """Train all of `net` (in place, BN in training mode) on the items `idx` of `train_ds` with
-    crop + flip views, SGD Nesterov momentum 0.9, no weight decay, cosine lr; returns it."""
+    crop + flip views, SGD Nesterov momentum 0.9, no weight decay, cosine lr (with layer-wise
+    decay `layer_decay` < 1: see :func:`layer_decay_groups`); returns it."""
     device = torch.device(device) if device is not None else next(net.parameters()).device
     images, labels = train_ds.images, train_ds.labels.to(device)
     n = len(idx)
@@ -89,7 +144,8 @@ def finetune(net: nn.Module, train_ds, idx: Tensor, *, epochs: int, lr: float, b
         raise ConfigError(f"the labelled subset has {n} item(s); BN in training mode needs batches of >= 2")
     steps_per_epoch = n // bs   # full batches only (BN statistics of a tiny last batch are noise)
     aug = crop_flip_augment(image_size or images.shape[-1], crop_scale)
-    opt, sched = sgd_with_schedule(net.parameters(), lr, 0.0, 0.9, "cosine", epochs * steps_per_epoch, nesterov=True)
+    params = layer_decay_groups(net, lr, layer_decay) if layer_decay < 1 else net.parameters()
+    opt, sched = sgd_with_schedule(params, lr, 0.0, 0.9, "cosine", epochs * steps_per_epoch, nesterov=True)
     g = torch.Generator().manual_seed(seed + 1)
     net.to(device).train()
     for _ in range(epochs):
@@ -128,6 +184,9 @@ def finetune_eval(encoder: nn.Module, cfg, train_ds, test_ds, device, amp, head:
     size = cfg.data.image_size
     probe = eval_transform(train_ds.images[:2].cpu(), size)
     base = classifier_net(encoder, train_ds.num_classes, probe, head, e.finetune_from_head_layer, e.seed)
+    decay = e.get("layer_decay", 1.0)
+    if decay < 1:
+        encoder_layers(base[0])   # an encoder it does not fit fails before any training
     res, runs = {}, []
     for fraction in fractions:
         tag = fraction_tag(fraction)
@@ -141,7 +200,8 @@ def finetune_eval(encoder: nn.Module, cfg, train_ds, test_ds, device, amp, head:
                  "per_class": len(idx) // train_ds.num_classes, "indices": idx.tolist()}) + "\n")
         epochs = e.finetune_epochs or default_epochs(fraction)
         net = finetune(copy.deepcopy(base), train_ds, idx, epochs=epochs, lr=lr, batch_size=e.finetune_batch_size,
-                       crop_scale=e.aug_crop_scale, image_size=size, device=device, amp=amp, seed=e.seed)
+                       crop_scale=e.aug_crop_scale, image_size=size, device=device, amp=amp, seed=e.seed,
+                       layer_decay=e.get("layer_decay", 1.0))
         logits = extract_features(net, test_ds.images, e.batch_size, device, size, amp, normalize=False)
         r = topk_accuracy(logits, test_ds.labels, test_ds.num_classes, f"finetune_{tag}")
         sub = extract_features(net, train_ds.images[idx.to(train_ds.images.device)], e.batch_size, device,
@@ -157,6 +217,7 @@ def finetune_eval(encoder: nn.Module, cfg, train_ds, test_ds, device, amp, head:
     res["protocol"] = (
         f"finetune: {start} + new linear classifier, all trained on class-balanced labelled subsets of "
         f"{e.train_split} (seed {e.seed}; {'; '.join(runs)}); SGD Nesterov momentum 0.9, lr {lr:g}, no weight "
-        f"decay, batch {e.finetune_batch_size}, cosine schedule without warm-up, random-resized-crop "
+        f"decay{f', layer-wise lr decay {decay:g}' if decay < 1 else ''}, batch {e.finetune_batch_size}, cosine "
+        "schedule without warm-up, random-resized-crop "
         f"(scale {lo}-{hi}) + flip only, BN in training mode; tested on clean {e.test_split} images")
     return res

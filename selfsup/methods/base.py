@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..models.heads import projection_head
@@ -112,3 +113,17 @@ class Method(nn.Module):
         space of `head(backbone(x))` (InstDisc's memory bank); the kNN monitor then reports a second
         kNN on them. None (the default) when the method keeps none."""
         return None
+
+
+@torch.no_grad()
+def ema_update_(pairs, m: float) -> None:
+    """For each (src, dst) module pair: theta_dst <- m theta_dst + (1 - m) theta_src for parameters and
+    floating buffers (BN running statistics); integer buffers copied. The key encoders of MoCo v1-v3."""
+    for src, dst in pairs:
+        for pq, pk in zip(src.parameters(), dst.parameters()):
+            pk.mul_(m).add_(pq.detach() * (1.0 - m))
+        for bq, bk in zip(src.buffers(), dst.buffers()):
+            if bk.is_floating_point():
+                bk.mul_(m).add_(bq * (1.0 - m))
+            else:
+                bk.copy_(bq)

@@ -21,7 +21,9 @@ Choices where the sources leave room:
   sub-batch of the shuffled global batch); on one device split BN into ``moco.bn_splits``
   shuffled sub-batches. See :mod:`selfsup.parallel.shuffle_bn`. With ``train.sync_bn=true``
   under torch.distributed the key encoder's BN is synchronised too, which undoes the shuffle:
-  the MoCo presets set ``train.sync_bn: false``.
+  the MoCo presets set ``train.sync_bn: false``. A key encoder without BatchNorm (a timm ViT with
+  a BN-free head) has no batch statistics to shuffle: shuffle BN and ``moco.bn_splits`` are then
+  no-ops (keys computed on the whole batch at once, no permutation drawn).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 from ..losses import info_nce
 from ..parallel import distributed as D
 from ..parallel.shuffle_bn import shuffle_bn_forward, split_bn_forward
-from .base import Method
+from .base import Method, ema_update_
 
 
 class MoCo(Method):
@@ -51,9 +53,12 @@ class MoCo(Method):
         self.key_head = copy.deepcopy(self.head)
         for p in self.key_params():
             p.requires_grad_(False)
+        has_bn = False
         for mod in self.key_modules():
             if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 mod.momentum = 0.0   # running stats come only from the EMA (see module docstring)
+                has_bn = True
+        self.shuffle_bn = self.shuffle_bn and has_bn   # nothing to shuffle without BN (e.g. a ViT)
         dim = cfg.model.proj_dim
         self.register_buffer("queue", F.normalize(torch.randn(c.queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -121,18 +126,9 @@ class MoCo(Method):
         self.queue_src[rows] = src.to(self.queue_src.device)
         self.queue_ptr.copy_((ptr + keys.shape[0]) % k_size)
 
-    @torch.no_grad()
     def momentum_update(self) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q for parameters and float buffers; int buffers copied."""
-        m = self.momentum
-        for src, dst in ((self.backbone, self.key_backbone), (self.head, self.key_head)):
-            for pq, pk in zip(src.parameters(), dst.parameters()):
-                pk.mul_(m).add_(pq.detach() * (1.0 - m))
-            for bq, bk in zip(src.buffers(), dst.buffers()):
-                if bk.is_floating_point():
-                    bk.mul_(m).add_(bq * (1.0 - m))
-                else:
-                    bk.copy_(bq)
+        ema_update_(((self.backbone, self.key_backbone), (self.head, self.key_head)), self.momentum)
 
     def discard_step(self) -> None:
         self._pending_keys = []

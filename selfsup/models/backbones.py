@@ -1,4 +1,5 @@
-"""Encoders f: torchvision ResNets without their classifier, an optional CIFAR stem, a small CPU ResNet.
+"""Encoders f: torchvision ResNets without their classifier, an optional CIFAR stem, a small CPU ResNet,
+and any timm model (``timm/<name>``, built with ``num_classes=0``: its pooled features).
 
 Every backbone maps (B, 3, H, W) float images to (B, feat_dim) pooled features. The torchvision
 ResNets keep torchvision's parameter names, so ``torchvision.models.resnet18().load_state_dict``
@@ -6,9 +7,13 @@ accepts an exported encoder with only ``fc.*`` missing.
 """
 from __future__ import annotations
 
+
 import torch
 import torchvision
 from torch import nn
+
+from ..config import check_timm_name
+from ..errors import ConfigError
 
 TORCHVISION_RESNETS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 BACKBONES = sorted([*TORCHVISION_RESNETS, "resnet_small"])
@@ -65,11 +70,52 @@ class SmallResNet(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(x), 1), 1)
 
 
-def build_backbone(name: str, cifar_stem: bool = True, width: int = 32) -> tuple[nn.Module, int]:
-    """Return (encoder, feat_dim) for `name` in BACKBONES; unknown names raise ValueError."""
+def _timm_model(name: str, args: dict | None) -> tuple[nn.Module, int]:
+    """A timm model as an encoder: ``timm.create_model(name, pretrained=False, num_classes=0, **args)``,
+    drop-path 0 unless `args` sets ``drop_path_rate``; checked on a probe batch to map (B, 3, H, W)
+    to (B, D). Returns (model, D); D is ``num_features`` (``head_hidden_size`` for pre-logits heads)."""
+    import timm   # only for timm backbones
+
+    check_timm_name(name)
+    args = dict(args or {})
+    args.setdefault("drop_path_rate", 0.0)   # MoCo v3: no drop-path during pre-training unless asked
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=0, **args)
+    except TypeError as e:
+        raise ConfigError(f"model.backbone=timm/{name} does not take model.backbone_args {dict(args)}: {e}") from None
+    patch = getattr(net, "patch_embed", None)
+    size = tuple(getattr(patch, "img_size", None) or (64, 64))
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(2, 3, *size))
+    except Exception as e:  # noqa: BLE001 - any failure means it is not an image encoder we can use
+        raise ConfigError(f"model.backbone=timm/{name} is not an image encoder: its forward on a (2, 3, {size[0]}, "
+                          f"{size[1]}) batch failed ({type(e).__name__}: {e}). Choose an image classification "
+                          "model (e.g. timm/vit_small_patch16_224, timm/resnet50)") from None
+    net.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model.backbone=timm/{name} is not an image encoder with pooled features: with "
+                          f"num_classes=0 it maps a (2, 3, {size[0]}, {size[1]}) batch to {shape}, not (2, D). "
+                          "Keep timm's global pooling (no global_pool='' in model.backbone_args) or choose "
+                          "an image classification model")
+    return net, int(out.shape[1])
+
+
+def build_backbone(name: str, cifar_stem: bool = True, width: int = 32,
+                   backbone_args: dict | None = None) -> tuple[nn.Module, int]:
+    """Return (encoder, feat_dim) for `name` in BACKBONES or ``timm/<name>`` (`backbone_args` go to
+    ``timm.create_model``; `cifar_stem` and `width` do not apply to timm models); unknown names raise
+    ValueError (ConfigError for timm names, with close matches)."""
+    if name.startswith("timm/"):
+        return _timm_model(name[len("timm/"):], backbone_args)
+    if backbone_args:
+        raise ConfigError(f"model.backbone_args are for timm/<name> backbones, not model.backbone={name}")
     if name in TORCHVISION_RESNETS:
         return _torchvision_resnet(name, cifar_stem), TORCHVISION_RESNETS[name]
     if name == "resnet_small":
         net = SmallResNet(width, cifar_stem)
         return net, net.out_dim
-    raise ValueError(f"unknown backbone '{name}'. Valid backbones: {', '.join(BACKBONES)}")
+    raise ValueError(f"unknown backbone '{name}'. Valid backbones: {', '.join(BACKBONES)}, timm/<name>")

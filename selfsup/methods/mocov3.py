@@ -1,0 +1,124 @@
+"""MoCo v3 (Chen, Xie and He 2021): query encoder with a prediction head, momentum key encoder,
+symmetric InfoNCE against the keys of the whole global batch (no queue).
+
+* query: ``predictor(head(backbone(x)))``; key: ``key_head(key_backbone(x))`` (no predictor), an
+  EMA of ``head(backbone(.))``. Heads are MoCo v3's MLPs (:func:`mocov3_mlp`): the projection head
+  ``mocov3.proj_layers`` layers (3 for ViT, 2 for ResNet in the paper's code) with a last BN
+  without affine, the predictor 2 layers without a last BN.
+* loss ``ctr(q1, k2) + ctr(q2, k1)``, ``ctr`` = :func:`selfsup.losses.mocov3_contrastive` with
+  the keys of every rank gathered (no gradient) and this rank's queries as anchors.
+* momentum ``m_t = 1 - (1 - m0) (cos(pi t / T) + 1) / 2``: ``m0 = mocov3.momentum`` at t=0 rising
+  to 1 at t=T, the run's ``train.epochs * (N // train.batch_size)`` steps (set in :meth:`setup`).
+  The EMA runs in :meth:`after_step` of step t (0-based) with ``m_{t+1}``: MoCo v3 updates at the
+  start of step t+1 with that value, so the key encoder of every forward is the same as theirs.
+  The count of steps done is the buffer ``ema_step`` (checkpointed: a resume continues the schedule).
+  Key BN: running statistics are EMA'd like the parameters (BN momentum 0 in the key encoder), as
+  in :mod:`selfsup.methods.moco`.
+* ``mocov3.freeze_patch_embed`` (default true): a backbone with a ``patch_embed`` module (timm
+  ViTs) keeps its random patch projection fixed (requires_grad=False), MoCo v3's trick for
+  stability. For a backbone without one (ResNets) it is a no-op, with a one-line note.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import mocov3_contrastive
+from ..parallel import distributed as D
+from .base import Method, ema_update_
+
+
+def mocov3_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, last_bn: bool = True) -> nn.Sequential:
+    """MoCo v3's MLP: (Linear(no bias) -> BN -> ReLU) x (layers - 1) -> Linear(no bias), then
+    BN(affine=False) when `last_bn` (the projection head; the predictor has none)."""
+    if layers < 1:
+        raise ValueError(f"MLP layers must be >= 1, got {layers}")
+    mods, d = [], in_dim
+    for _ in range(layers - 1):
+        mods += [nn.Linear(d, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        d = hidden_dim
+    mods.append(nn.Linear(d, out_dim, bias=False))
+    if last_bn:
+        mods.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*mods)
+
+
+def cosine_momentum(m0: float, step: int, total: int) -> float:
+    """``1 - (1 - m0) (cos(pi step / total) + 1) / 2``: m0 at step 0, 1 at step `total` (and after)."""
+    if total <= 0:
+        return m0
+    t = min(step, total) / total
+    return 1.0 - (1.0 - m0) * (math.cos(math.pi * t) + 1.0) / 2.0
+
+
+class MoCoV3(Method):
+    """MoCo v3. forward(views=[x1, x2], index) -> {"loss", "momentum"}; after_step: EMA update."""
+
+    n_views = 2
+
+    def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
+        super().__init__(cfg, backbone, feat_dim)
+        c = cfg.mocov3
+        self.temperature, self.base_momentum = c.temperature, c.momentum
+        self.batch_size, self.epochs = cfg.train.batch_size, cfg.train.epochs
+        self.total_steps = 0   # set by setup(N); 0: constant momentum m0
+        if c.freeze_patch_embed:
+            if hasattr(backbone, "patch_embed"):
+                for p in backbone.patch_embed.parameters():
+                    p.requires_grad_(False)
+            elif D.rank() == 0:
+                print("[selfsup] mocov3.freeze_patch_embed: the backbone has no patch_embed (not a ViT): "
+                      "nothing to freeze")
+        hidden = c.proj_hidden or feat_dim
+        self.head = mocov3_mlp(feat_dim, hidden, c.proj_dim, c.proj_layers, last_bn=True)
+        self.predictor = mocov3_mlp(c.proj_dim, c.pred_hidden or hidden, c.proj_dim, 2, last_bn=False)
+        self.key_backbone = copy.deepcopy(self.backbone)
+        self.key_head = copy.deepcopy(self.head)
+        for p in self.key_params():
+            p.requires_grad_(False)
+        for mod in list(self.key_backbone.modules()) + list(self.key_head.modules()):
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.momentum = 0.0   # running stats come only from the EMA
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+
+    def setup(self, num_samples: int) -> None:
+        self.total_steps = self.epochs * (num_samples // self.batch_size)
+
+    def rank_identical_buffers(self) -> list[str]:
+        return ["ema_step"]
+
+    def key_params(self) -> list:
+        return list(self.key_backbone.parameters()) + list(self.key_head.parameters())
+
+    def momentum_at(self, step: int) -> float:
+        """The EMA momentum after `step` steps (cosine from mocov3.momentum to 1 over the run)."""
+        return cosine_momentum(self.base_momentum, step, self.total_steps)
+
+    def query(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, D) queries: predictor(head(backbone(x))), not normalised."""
+        return self.predictor(self.head(self.backbone(x)))
+
+    @torch.no_grad()
+    def keys(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, D) keys of the momentum encoder (no gradient), not normalised."""
+        return self.key_head(self.key_backbone(x))
+
+    def forward(self, views, index):
+        x1, x2 = views
+        q1, q2 = self.query(x1), self.query(x2)
+        k1, k2 = D.all_gather_no_grad(self.keys(x1)), D.all_gather_no_grad(self.keys(x2))
+        offset, t = D.rank() * q1.shape[0], self.temperature
+        loss = mocov3_contrastive(q1, k2, offset, t) + mocov3_contrastive(q2, k1, offset, t)
+        return {"loss": loss, "momentum": self.momentum_at(int(self.ema_step))}
+
+    def momentum_update(self, m: float) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q for parameters and float buffers; int buffers copied."""
+        ema_update_(((self.backbone, self.key_backbone), (self.head, self.key_head)), m)
+
+    def after_step(self) -> None:
+        """Count the step, then EMA-update the key encoder with the momentum of the next step."""
+        self.ema_step += 1
+        self.momentum_update(self.momentum_at(int(self.ema_step)))
