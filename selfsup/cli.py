@@ -76,6 +76,7 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
     from .errors import CheckpointError, ConfigError
     from .methods import build_method, load_encoder_state
 
+    ck = None
     if run:
         cfg = load_config(str(Path(run) / "config.yaml"), overrides)
         cfg.run_dir = run
@@ -100,7 +101,7 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
         raise ConfigError("give --run RUN_DIR, or --checkpoint FILE (with --config if it is not a selfsup checkpoint)")
     model = build_method(cfg)
     if checkpoint:
-        ck = _read_checkpoint(checkpoint)
+        ck = ck if ck is not None else _read_checkpoint(checkpoint)
         if "model" in ck:
             load_state_checked(model, ck["model"], "model")
         elif head:
@@ -121,16 +122,8 @@ def _read_checkpoint(path: str) -> dict:
     from .engine.export import read_export
     from .errors import CheckpointError
 
-    if Path(path).is_dir():
+    if Path(path).is_dir() or str(path).endswith(".safetensors"):
         return read_export(path)
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:   # noqa: BLE001 -- truncated or not safetensors
-            raise CheckpointError(f"could not read '{path}' as safetensors: {e} (truncated or not safetensors; "
-                                  "a run's checkpoints/last.pt holds the same encoder: --checkpoint it)") from None
     ck = load_checkpoint(path)
     if not isinstance(ck, dict):
         raise CheckpointError(f"'{path}' holds a {type(ck).__name__}, not a checkpoint or a state dict")

@@ -121,3 +121,15 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120) -> list:
                 p.kill()
                 p.join(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def assert_same_as_one_process(outs, model, loss, world: int) -> None:
+    """Each rank's (mean loss share, {name: grad}, ...) from a DDP worker against `model` and `loss`
+    of one process on the whole batch: the rank losses average to it, every rank's gradients equal it."""
+    import torch
+
+    assert abs(sum(o[0] for o in outs) / world - loss.item()) < 1e-12
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            for o in outs:
+                torch.testing.assert_close(o[1][name], p.grad, rtol=1e-10, atol=1e-12)

@@ -245,4 +245,5 @@ def read_export(path: str) -> dict:
         return load_file(str(f))
     except Exception as e:   # noqa: BLE001 -- truncated or not safetensors
         raise CheckpointError(f"could not read '{f}' as safetensors: {e} (truncated or not safetensors: "
-                              "export it again)") from None
+                              "export it again; a run's checkpoints/last.pt holds the same encoder: --checkpoint "
+                              "it)") from None

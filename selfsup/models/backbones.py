@@ -76,9 +76,10 @@ def _timm_model(name: str, args: dict | None) -> tuple[nn.Module, int]:
     to (B, D). Returns (model, D); D is ``num_features`` (``head_hidden_size`` for pre-logits heads)."""
     import timm   # only for timm backbones
 
-    check_timm_name(name)
     args = dict(args or {})
     args.setdefault("drop_path_rate", 0.0)   # MoCo v3: no drop-path during pre-training unless asked
+    if not timm.is_model(name):
+        check_timm_name(name)   # raises, with close matches (config.validate has normally done so already)
     try:
         net = timm.create_model(name, pretrained=False, num_classes=0, **args)
     except TypeError as e:

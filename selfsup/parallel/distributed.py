@@ -154,8 +154,9 @@ def setup_distributed(backend: str | None = None, timeout_s: float | None = None
     ``init_method="env://"`` (``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``,
     ``MASTER_PORT`` come from the environment).  The backend follows the
     device the caller trains on (``"nccl"`` for CUDA tensors, ``"gloo"`` for
-    CPU tensors; default ``"gloo"``); with NCCL the current CUDA device is set
-    to ``LOCAL_RANK``.  If a group is already initialised, it is reused.
+    CPU tensors; default ``"gloo"``); for NCCL the caller sets the current CUDA
+    device first (``engine.setup.resolve_device``: ``LOCAL_RANK``).  If a group
+    is already initialised, it is reused.
 
     ``timeout_s`` (config ``dist.timeout_s``; None: torch's default) bounds every
     collective: with gloo a collective that waits longer for a stuck or dead
@@ -173,8 +174,6 @@ def setup_distributed(backend: str | None = None, timeout_s: float | None = None
     rank_ = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = backend or "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
     timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend=backend, init_method="env://", rank=rank_, world_size=world, timeout=timeout)
     return rank_, local_rank, world
