@@ -18,6 +18,9 @@
                                                       torchvision-detection; `train --init-from DIR` reads it back
     selfsup bench NAME [--quick] ...                  benchmarks (table + JSON); NAME: `selfsup bench --list`
     selfsup fake-imagenet OUT [--classes 4 ...]       a small ImageNet-like set (folders + zips + maps)
+    selfsup eval detection --run RUN_DIR --root DIR   transfer to VOC detection (Faster R-CNN, ResNet-FPN;
+        [--preset det-voc-r50] [--init ssl|random|both]   RUN_DIR/eval/detection.json)
+    selfsup fake-detection OUT                        a small VOC-format detection set (shapes on noise)
 
 Every command prints its metrics as one JSON object on its last line. `python -m selfsup` is the
 same command. Each command imports the layers it needs when it runs, so that a bad config or option
@@ -236,6 +239,86 @@ def _cmd_eval_finetune(args) -> dict:
     return _save_eval(cfg, "finetune", finetune_eval(encoder, cfg, train_ds, test_ds, device, amp, head, out))
 
 
+def _preset_det_overrides(preset: str | None) -> list[str]:
+    """The eval.det_* keys (and train.threads, when set) of a preset (e.g. det-shapes-cpu) as key=value
+    overrides; its other keys are ignored (the model and the rest are the run's)."""
+    import json as _json
+
+    from omegaconf import OmegaConf
+
+    from .config import load_config
+
+    if not preset:
+        return []
+    cfg = load_config(preset)
+    threads = [f"train.threads={cfg.train.threads}"] if cfg.train.threads else []
+    return [f"eval.{k}={_json.dumps(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)}"
+            for k, v in cfg.eval.items() if str(k).startswith("det_")] + threads
+
+
+def _cmd_eval_detection(args) -> dict:
+    import torch
+
+    from .config import load_config
+    from .errors import ConfigError
+
+    flags = [f"eval.{k}={v}" for k, v in (("det_data", args.data), ("det_root", args.root), ("det_ann", args.ann),
+                                          ("det_test_ann", args.test_ann)) if v]
+    overrides = _preset_det_overrides(args.preset) + flags + args.overrides
+    load_config(None, [o for o in overrides if o.startswith(("eval.det_", "train.threads"))])   # fail before any file
+    if not args.run and not args.out:
+        raise ConfigError("give --out DIR with --checkpoint: there is no run directory to write into")
+    cfg, encoder = load_run_encoder(args.run, args.checkpoint, args.config, overrides)
+    out = Path(args.out) if args.out else Path(cfg.run_dir) / "eval"
+    from .engine.detection import run_detection
+    from .methods import build_method
+    from .parallel import distributed as D
+
+    source = f"run {args.run}" if args.run else f"checkpoint {args.checkpoint}"
+    inits = ("ssl", "random") if args.init == "both" else (args.init,)
+    results, owns_group = {}, not D.is_dist()
+    try:
+        for init in inits:
+            if init == "random":
+                torch.manual_seed(cfg.eval.seed)
+                enc, text = build_method(cfg).encoder, f"a random {cfg.model.backbone} (seed {cfg.eval.seed})"
+            else:
+                enc, text = encoder, f"the encoder of {source}"
+            res = run_detection(cfg, enc, out / "detection" / init, init, text)
+            if res is not None:
+                results[init] = res
+    finally:
+        if owns_group:
+            D.cleanup_distributed()
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    return _save_detection(out / "detection.json", results)
+
+
+DET_METRICS = ("ap50", "ap", "ap75", "voc07_ap50", "voc07_ap75", "voc07_ap")
+
+
+def _save_detection(path: Path, results: dict) -> dict:
+    """Merge `results` ({init: scores}) into the detection json at `path` (one file for SSL and random
+    init, flat det_<init>_<metric> numbers with protocol_<init>, as `selfsup report` reads them)."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    runs = {r["init"]: r for r in old.get("runs", []) if isinstance(r, dict) and "init" in r}
+    runs.update({k: {kk: vv for kk, vv in v.items() if kk != "protocol"} for k, v in results.items()})
+    protocols = {k[len("protocol_"):]: v for k, v in old.items() if k.startswith("protocol_")}
+    protocols.update({k: v["protocol"] for k, v in results.items()})
+    res = {}
+    for init in ("ssl", "random"):
+        if init in runs:
+            res.update({f"det_{init}_{m}": runs[init][m] for m in DET_METRICS if m in runs[init]})
+            res[f"det_{init}_s_per_iter"] = runs[init]["s_per_iter"]
+    res["protocol"] = "transfer to detection (eval/detection/<init>/: checkpoints, metrics.jsonl)"
+    res.update({f"protocol_{k}": v for k, v in protocols.items()})
+    res["runs"] = [runs[k] for k in ("ssl", "random") if k in runs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
 def _out_dir(cfg, out: str | None, name: str) -> Path:
     from .errors import ConfigError
 
@@ -332,6 +415,13 @@ def _cmd_fake_imagenet(args) -> dict:
                               args.min_size, args.max_size, args.seed)
 
 
+def _cmd_fake_detection(args) -> dict:
+    from .data.detection import make_fake_detection
+
+    return make_fake_detection(args.out, args.trainval, args.test, args.size, args.max_objects,
+                               args.difficult_size, args.seed)
+
+
 def _cmd_report(args) -> dict:
     from .eval.report import write_report
 
@@ -390,6 +480,22 @@ def build_parser() -> argparse.ArgumentParser:
         ev.add_argument("overrides", nargs="*", help=f"config overrides as key=value, e.g. eval.{name}_"
                         f"{'max_iter=500' if name == 'logreg' else 'epochs=10'}")
         ev.set_defaults(fn=fn)
+    d = esub.add_parser("detection", help="transfer to detection: Faster R-CNN (ResNet-FPN) from the encoder, "
+                        "VOC or COCO-format data (eval.det_*)")
+    d.add_argument("--run", metavar="RUN_DIR")
+    d.add_argument("--checkpoint", metavar="FILE")
+    d.add_argument("--config", metavar="YAML")
+    d.add_argument("--preset", metavar="NAME", help="take the eval.det_* keys of a preset: det-voc-r50, det-shapes-cpu")
+    d.add_argument("--data", choices=("voc", "coco"), help="eval.det_data")
+    d.add_argument("--root", metavar="DIR", help="eval.det_root: the folder holding VOCdevkit/ (voc), the images (coco)")
+    d.add_argument("--ann", metavar="FILE", help="eval.det_ann: COCO-format training json")
+    d.add_argument("--test-ann", metavar="FILE", help="eval.det_test_ann: COCO-format test json")
+    d.add_argument("--init", choices=("ssl", "random", "both"), default="ssl",
+                   help="backbone start: the run's encoder (ssl), a random one (baseline), or both in turn")
+    d.add_argument("--out", metavar="DIR", help="where eval/detection.json and detection/<init>/ go (default: "
+                   "RUN_DIR/eval)")
+    d.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. eval.det_batch_size=8")
+    d.set_defaults(fn=_cmd_eval_detection)
     em = sub.add_parser("embed", help="export clean features of a split and TensorBoard projector files")
     vi = sub.add_parser("visualize", help="2-D map of the features and a nearest-neighbour grid (PNG)")
     for a in (em, vi):
@@ -430,6 +536,15 @@ def build_parser() -> argparse.ArgumentParser:
     fk.add_argument("--max-size", type=int, default=160, help="largest image side (px)")
     fk.add_argument("--seed", type=int, default=0)
     fk.set_defaults(fn=_cmd_fake_imagenet)
+    fd = sub.add_parser("fake-detection", help="write a small VOC-format detection set (shapes on noise) to OUT")
+    fd.add_argument("out", metavar="OUT")
+    fd.add_argument("--trainval", type=int, default=200, help="training images")
+    fd.add_argument("--test", type=int, default=100, help="test images")
+    fd.add_argument("--size", type=int, default=64, help="image side (px)")
+    fd.add_argument("--max-objects", type=int, default=4, help="shapes per image: 1 to this")
+    fd.add_argument("--difficult-size", type=int, default=10, help="shapes smaller than this (px) are difficult")
+    fd.add_argument("--seed", type=int, default=0)
+    fd.set_defaults(fn=_cmd_fake_detection)
     r = sub.add_parser("report", help="RUN_DIR/report.html (self-contained) and RUN_DIR/report.md")
     r.add_argument("--run", metavar="RUN_DIR", required=True)
     r.set_defaults(fn=_cmd_report)

@@ -77,6 +77,8 @@ class ModelConfig:
     head_hidden: Optional[int] = None   # None: the backbone's feature dim
     proj_dim: int = 128
     init_from: Optional[str] = None     # an export (`selfsup export`, encoder.safetensors): the encoder's start
+    checkpointing: bool = False         # activation checkpointing: recompute each backbone stage in the backward
+                                        # (less memory, about one more forward of compute)
 
 
 @dataclass
@@ -134,6 +136,8 @@ class TrainConfig:
     epochs: int = 100
     max_steps: Optional[int] = None     # stop early after this many steps
     batch_size: int = 512               # global batch (split over ranks)
+    micro_batch: Optional[int] = None   # gradient caching: encode each rank's batch in chunks of this many images
+                                        # (exact for the loss; BN statistics per chunk: ghost BN); None: whole batch
     optimizer: str = "lars"             # lars | sgd | adamw
     lr: Optional[float] = None          # absolute lr; None: base_lr * batch_size / 256
     base_lr: float = 0.3
@@ -184,6 +188,34 @@ class EvalConfig:
     finetune_batch_size: int = 256      # minibatch of fine-tuning (capped at the subset's size)
     finetune_from_head_layer: int = 0   # 0: classifier on the backbone; k: after k hidden head layers (SimCLR v2: 1)
     layer_decay: float = 1.0            # layer-wise lr decay of fine-tuning (MAE/BEiT: lr x d^(L - layer)); 1: off
+    # transfer to detection (`selfsup eval detection`): torchvision Faster R-CNN, ResNet-FPN body from the encoder;
+    # defaults: MoCo's VOC schedule (24k iterations at batch 16, lr 0.02, x0.1 at 18k and 22k), scaled by the batch
+    det_data: str = "voc"               # voc (VOCdevkit folders) | coco (a COCO-format json over an image folder)
+    det_root: Optional[str] = None      # voc: the folder holding VOCdevkit/; coco: the image folder
+    det_ann: Optional[str] = None       # coco: the training json
+    det_test_ann: Optional[str] = None  # coco: the test json
+    det_years: List[int] = field(default_factory=lambda: [2007, 2012])  # voc: trainval of these; test: VOC2007 test
+    det_classes: Optional[List[str]] = None  # None: VOC's 20 (voc) / the json's categories (coco)
+    det_norm: str = "frozen"            # frozen (FrozenBatchNorm2d, torchvision's default) | sync (BN trained;
+                                        # SyncBatchNorm under several GPU processes, MoCo's choice)
+    det_trainable_layers: int = 3       # 0-5: layer4, layer3, layer2, layer1, conv1 trained (torchvision's count)
+    det_batch_size: int = 16            # images per iteration (global)
+    det_iters: Optional[int] = None     # None: 24000 x 16 / det_batch_size
+    det_lr: Optional[float] = None      # None: 0.02 x det_batch_size / 16
+    det_steps: List[float] = field(default_factory=lambda: [0.75, 0.9166667])  # lr x0.1 at these fractions of iters
+    det_warmup_iters: Optional[int] = None  # linear warm-up from lr/1000; None: 100 x 16 / det_batch_size
+    det_weight_decay: float = 1e-4
+    det_min_sizes: List[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # train shorter sides
+    det_max_size: int = 1333            # longer side cap (train and test)
+    det_test_size: int = 800            # test shorter side
+    det_fpn_channels: int = 256         # FPN / RPN width (torchvision: 256)
+    det_head_dim: int = 1024            # box head MLP width (torchvision: 1024)
+    det_rois: int = 512                 # RoIs sampled per image for the box head in training (torchvision: 512)
+    det_proposals: int = 2000           # RPN proposals kept per image in training; half of it at test (torchvision)
+    det_anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # per FPN level P2-P6
+    det_num_workers: int = 4            # image decoding workers
+    det_checkpoint_every: int = 1000    # iterations between checkpoints (and at a stop and the end)
+    det_log_every: int = 20             # iterations between log lines (and the stop check under torchrun)
 
 
 @dataclass
@@ -323,6 +355,8 @@ CHOICES = {
     "train.resume": ("never", "auto"),
     "eval.linear_mode": ("features", "augment"),
     "eval.linear_schedule": (None, "cosine", "step"),
+    "eval.det_data": ("voc", "coco"),
+    "eval.det_norm": ("frozen", "sync"),
 }
 
 # key -> (test, what it must be); None values are allowed where the key is Optional
@@ -338,6 +372,7 @@ RANGES = {
     "aug.solarize_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "aug.crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "a pair [lo, hi] with 0 < lo <= hi <= 1"),
     "model.width": (lambda v: v >= 1, ">= 1"),
+    "train.micro_batch": (lambda v: v >= 1, ">= 1 (images per chunk; null: the whole batch at once)"),
     "model.head_hidden": (lambda v: v >= 1, ">= 1"),
     "model.proj_dim": (lambda v: v >= 1, ">= 1"),
     "simclr.temperature": (lambda v: v > 0, "> 0"),
@@ -395,6 +430,25 @@ RANGES = {
     "eval.finetune_batch_size": (lambda v: v >= 2, ">= 2 (BN in training mode)"),
     "eval.finetune_from_head_layer": (lambda v: v >= 0, ">= 0"),
     "eval.layer_decay": (lambda v: 0 < v <= 1, "in (0, 1] (1: no layer-wise lr decay)"),
+    "eval.det_years": (lambda v: len(v) >= 1 and set(v) <= {2007, 2012}, "a list of 2007 and/or 2012"),
+    "eval.det_trainable_layers": (lambda v: 0 <= v <= 5, "in 0..5"),
+    "eval.det_batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval.det_iters": (lambda v: v >= 1, ">= 1"),
+    "eval.det_lr": (lambda v: v > 0, "> 0"),
+    "eval.det_steps": (lambda v: all(0 < f <= 1 for f in v), "fractions of eval.det_iters in (0, 1]"),
+    "eval.det_warmup_iters": (lambda v: v >= 0, ">= 0"),
+    "eval.det_weight_decay": (lambda v: v >= 0, ">= 0"),
+    "eval.det_min_sizes": (lambda v: len(v) >= 1 and min(v) >= 1, "a non-empty list of sizes >= 1 (pixels)"),
+    "eval.det_max_size": (lambda v: v >= 1, ">= 1 (pixels)"),
+    "eval.det_test_size": (lambda v: v >= 1, ">= 1 (pixels)"),
+    "eval.det_fpn_channels": (lambda v: v >= 1, ">= 1"),
+    "eval.det_head_dim": (lambda v: v >= 1, ">= 1"),
+    "eval.det_rois": (lambda v: v >= 1, ">= 1"),
+    "eval.det_proposals": (lambda v: v >= 2, ">= 2"),
+    "eval.det_anchor_sizes": (lambda v: len(v) == 5 and min(v) >= 1, "5 sizes (pixels), one per level P2-P6"),
+    "eval.det_num_workers": (lambda v: v >= 0, ">= 0"),
+    "eval.det_checkpoint_every": (lambda v: v >= 1, ">= 1 (iterations)"),
+    "eval.det_log_every": (lambda v: v >= 1, ">= 1 (iterations)"),
     "dist.timeout_s": (lambda v: 0 < v <= 1e6, "in (0, 1e6] (seconds)"),
 }
 

@@ -63,13 +63,62 @@ def nt_xent_local(
     with torch.autocast(device_type=z1.device.type, enabled=False):
         anchors = F.normalize(torch.cat([z1, z2]).to(dtype), dim=1)  # (2B, D)
         cands = F.normalize(torch.cat([z1_all, z2_all]).to(dtype), dim=1)  # (2N, D)
-        logits = anchors @ cands.T / temperature  # (2B, 2N)
         local = torch.arange(b, device=z1.device)
         self_idx = torch.cat([offset + local, n + offset + local])  # (2B,)
         pos_idx = torch.cat([n + offset + local, offset + local])  # (2B,)
+        if anchors.shape[0] * cands.shape[0] > BLOCK_ELEMENTS:   # a large batch: no (2B, 2N) matrix at once
+            return _BlockwiseCE.apply(anchors, cands, pos_idx, self_idx, temperature)
+        logits = anchors @ cands.T / temperature  # (2B, 2N)
         rows = torch.arange(2 * b, device=z1.device)
         logits = logits.index_put((rows, self_idx), torch.tensor(float("-inf"), dtype=dtype, device=z1.device))
         return F.cross_entropy(logits, pos_idx)
+
+
+# the largest (anchors x candidates) similarity matrix NT-Xent builds at once (16 MiB in float32);
+# above it the loss and its gradient go block by block (_BlockwiseCE)
+BLOCK_ELEMENTS = 1 << 22
+
+
+class _BlockwiseCE(torch.autograd.Function):
+    """``mean_i CE(a_i c^T / t, pos_i)`` with column ``self_i`` of row i masked, for unit rows ``a`` (A, D)
+    and ``c`` (C, D), computed in blocks of at most BLOCK_ELEMENTS // C anchors: the (A, C) logits never
+    exist whole (memory O(block x C) instead of O(A x C); the backward computes each block's logits
+    again). The same numbers as the plain formula up to the order of the sums."""
+
+    @staticmethod
+    def forward(ctx, a, c, pos, self_idx, t):
+        n, step = a.shape[0], max(1, BLOCK_ELEMENTS // c.shape[0])
+        lse, total = a.new_empty(n), a.new_zeros(())
+        for s in range(0, n, step):
+            logits, rows = _masked_logits(a, c, self_idx, t, s, step)
+            lse[s:s + step] = torch.logsumexp(logits, dim=1)
+            total += (lse[s:s + step] - logits[rows, pos[s:s + step]]).sum()
+        ctx.save_for_backward(a, c, pos, self_idx, lse)
+        ctx.t, ctx.step = t, step
+        return total / n
+
+    @staticmethod
+    def backward(ctx, g):
+        a, c, pos, self_idx, lse = ctx.saved_tensors
+        t, step, n = ctx.t, ctx.step, a.shape[0]
+        ga, gc = torch.empty_like(a), torch.zeros_like(c)
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            for s in range(0, n, step):
+                logits, rows = _masked_logits(a, c, self_idx, t, s, step)
+                p = torch.exp(logits - lse[s:s + step, None])   # softmax; the masked column is 0
+                p[rows, pos[s:s + step]] -= 1
+                p *= g / (n * t)                                # d loss / d (a_i . c_j)
+                ga[s:s + step] = p @ c
+                gc += p.T @ a[s:s + step]
+        return ga, gc, None, None, None
+
+
+def _masked_logits(a, c, self_idx, t, s, step):
+    """(logits of anchors s..s+step against every candidate with each anchor's own column at -inf, rows)."""
+    logits = a[s:s + step] @ c.T / t
+    rows = torch.arange(logits.shape[0], device=a.device)
+    logits[rows, self_idx[s:s + step]] = float("-inf")
+    return logits, rows
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:

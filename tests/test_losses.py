@@ -55,6 +55,40 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, 0.2), (z1, z2))
 
 
+@pytest.mark.parametrize("block", [1, 7, 40])   # elements of the largest similarity block: 1 anchor ... a few
+@pytest.mark.parametrize("b", [1, 5, 16])
+def test_blockwise_nt_xent_equals_the_reference(b, block, monkeypatch):
+    """Above losses.BLOCK_ELEMENTS the (2B, 2N) logits go block by block of anchors (large batches under
+    train.micro_batch): the loss and the gradients equal the plain loop reference."""
+    import selfsup.losses as L
+
+    monkeypatch.setattr(L, "BLOCK_ELEMENTS", block)
+    z1, z2 = _pair(b, 8, seed=b + 7)
+    a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    r1, r2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    got = nt_xent(a1, a2, 0.2)
+    assert got.grad_fn.name().startswith("_BlockwiseCE") or (2 * b) ** 2 <= block
+    got.backward()
+    ref = ref_nt_xent(r1, r2, 0.2)
+    ref.backward()
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a1.grad, r1.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a2.grad, r2.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_blockwise_nt_xent_local_gradcheck_and_value(monkeypatch):
+    import selfsup.losses as L
+
+    z1, z2 = _pair(3, 5, seed=4)
+    c1, c2 = _pair(9, 5, seed=5)
+    c1[3:6], c2[3:6] = z1, z2   # this rank's rows at offset 3 of N = 9
+    args = [x.clone().requires_grad_() for x in (z1, z2, c1, c2)]
+    plain = nt_xent_local(*args, 3, 0.3)
+    monkeypatch.setattr(L, "BLOCK_ELEMENTS", 20)
+    torch.testing.assert_close(nt_xent_local(*args, 3, 0.3), plain, rtol=1e-12, atol=0)
+    assert torch.autograd.gradcheck(lambda *a: nt_xent_local(*a, 3, 0.3), tuple(args))
+
+
 def test_scale_invariance():
     z1, z2 = _pair(6, 10, seed=1)
     s1 = torch.rand(6, 1, dtype=torch.float64) * 10 + 0.1

@@ -159,6 +159,79 @@ class RssPeak:
         self.peak = max(self.peak, self.rss())
 
 
+class StepRss:
+    """Peak RSS growth of the block inside (Linux, glibc): ``with StepRss() as m: step()``, then
+    ``m.peak`` (bytes; None where unsupported: ``m.ok`` is False).
+
+    On entering, freed heap memory goes back to the OS (``malloc_trim(0)``), blocks of 64 KiB and
+    more are taken by mmap (``M_MMAP_THRESHOLD``), so a freed tensor leaves the RSS at once instead of
+    staying in a heap kept warm by the trainer's ``keep_freed_memory``, and the kernel's high-water
+    mark ``VmHWM`` is reset (write "5" to ``/proc/self/clear_refs``); ``peak`` = VmHWM on leaving
+    minus the RSS on entering: what the block allocated at its peak (activations, gradients and
+    temporaries) over what was resident before it. `restore` is called on leaving (the caller's
+    allocator settings: ``keep_freed_memory``)."""
+
+    def __init__(self, restore: Callable[[], None] | None = None):
+        self.restore, self.peak, self.ok = restore, None, False
+
+    def __enter__(self):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD
+            libc.malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _status_kib("VmRSS")
+            self.ok = self.base is not None
+        except (OSError, AttributeError):
+            self.ok = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.ok:
+            hwm = _status_kib("VmHWM")
+            self.peak = None if hwm is None else max(0, hwm - self.base)
+        if self.restore is not None:
+            self.restore()
+
+
+def tensor_peak(fn: Callable[[], object]) -> tuple[object, int | None]:
+    """Run ``fn()`` under the profiler's memory tracking: (its result, the peak of the tensor bytes it
+    had allocated at once: each tensor's creation and release from the profiler's memory timeline;
+    tensors that existed before do not count). The counterpart of CUDA's ``max_memory_allocated`` on
+    the CPU, without the allocator's own overhead; None where that (private) torch API is missing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch.profiler._memory_profiler import Action
+    except ImportError:
+        return fn(), None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        out = fn()
+    try:
+        timeline = prof._memory_profile().timeline
+    except Exception:  # noqa: BLE001 - a private API: no figure rather than a failed benchmark
+        return out, None
+    cur = peak = 0
+    for _, action, _, size in timeline:
+        cur += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, cur)
+    return out, peak
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def cpu_snapshot():
     """(wall s, busy CPU s of the whole machine from /proc/stat, CPU s of this process and its reaped
     children, i.e. DataLoader workers); None where /proc/stat is missing."""

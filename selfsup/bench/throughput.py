@@ -17,7 +17,12 @@ Model, optimiser and step are built by the trainer's own functions (``build_mode
 process), the non-finite guard's per-step host sync, logging, checkpoints and the kNN monitor;
 ``init_from_data`` is skipped (it sets values, not costs).
 
-Per mode and setting: views/s over the timed steps (wall clock, one device sync at each end),
+Settings may list several ``micro_batch`` values (``train.micro_batch``: gradient caching, None =
+the whole batch) and ``checkpointing`` values (``model.checkpointing``: activation checkpointing of
+the backbone); every (micro-batch, checkpointing) pair is a configuration, measured in each mode,
+one row each, in order.
+
+Per row: views/s over the timed steps (wall clock, one device sync at each end),
 median ms/step, the data part's median ms and its share of the step (on CUDA from CUDA events
 recorded between the parts, so the step is not serialised by the measurement; on CPU from the
 wall clock), peak memory, and achieved TFLOP/s from a counted FLOP figure of the backbone: one
@@ -26,11 +31,21 @@ forward of one image per view size counted by ``torch.utils.flop_counter.FlopCou
 the query views, 1 for the key encoder's forward-only views).  The head, the loss and the
 augmentation are not counted.
 
+Peak memory, per row: on CUDA ``max_memory_allocated`` over the timed steps (``peak_mem_mib``). On
+the CPU two untimed steps follow the timed ones: one gives ``peak_mem_mib``, the step's peak RSS
+growth above the resident model and optimiser state (:class:`~selfsup.bench.common.StepRss`: heap
+trimmed, large blocks mmapped so that freed tensors leave the RSS, the kernel's ``VmHWM`` reset
+before it; a row's figure does not inherit an earlier row's heap), the other ``tensor_peak_mib``,
+the peak of the tensor bytes it held at once (:func:`~selfsup.bench.common.tensor_peak`, the
+profiler's memory timeline: deterministic, without the allocator's overhead).
+
 Usage::
 
     from selfsup.bench.throughput import run
     res = run({"quick": True, "out": "bench.json"})   # -> {"config", "rows", "notes", "table"}
     selfsup bench throughput --preset simclr-fmnist --image-size 32 --batch 512 --out tp.json
+    selfsup bench throughput --preset simclr-fmnist-cpu --batch 4096 --modes synthetic \
+        --micro-batch none,1024,256 --checkpointing off,on --out mem.json
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import resource
 import statistics
 import time
@@ -53,7 +69,7 @@ from ..engine.setup import Env, autocast_dtype, data_on_device, keep_freed_memor
 from ..engine.step import Step, build_model, make_optimizer, wrap_model
 from ..errors import DatasetNotFoundError
 from ..methods import build_method
-from .common import Bench, RssPeak, device_name, sync, text_table
+from .common import Bench, RssPeak, StepRss, device_name, progress, sync, tensor_peak, text_table
 
 __all__ = ["BENCH", "count_backbone_flops", "bench_throughput", "run", "format_table", "main", "DEFAULTS", "QUICK",
            "MODES"]
@@ -61,7 +77,8 @@ __all__ = ["BENCH", "count_backbone_flops", "bench_throughput", "run", "format_t
 MODES = ("synthetic", "pipeline")
 DEFAULTS = dict(preset="simclr-cifar10", overrides=(), method=None, backbone=None, width=None, batch=None,
                 image_size=None, data="preset", modes=MODES, steps=20, warmup=3, device="auto", threads=None,
-                compile=None, channels_last=None, precision=None, cudnn_benchmark=None, seed=0, out=None)
+                compile=None, channels_last=None, precision=None, cudnn_benchmark=None, seed=0,
+                micro_batch=None, checkpointing=None, out=None)
 QUICK = dict(method="simclr", backbone="resnet_small", width=8, image_size=32, batch=16, steps=3, warmup=1,
              data="synthetic")
 
@@ -83,8 +100,52 @@ def count_backbone_flops(backbone: torch.nn.Module, size: int, channels: int = 3
 # ---------------------------------------------------------------- config
 
 
-def _build_config(s: dict):
-    """The trainer config for settings `s`: preset <- overrides <- the explicit settings."""
+def _list(v) -> list:
+    """A setting that may list values: a comma-separated string, a list/tuple, or one value."""
+    if isinstance(v, str):
+        return [x.strip() for x in v.split(",")]
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def micro_batches(v) -> list:
+    """The ``micro_batch`` setting -> the ``train.micro_batch`` overrides to measure: None (the setting
+    not given) -> [None] (no override: the preset's); else each value a positive integer, or
+    none / null / 0 / all for the whole batch ("null"). ValueError for anything else."""
+    if v is None:
+        return [None]
+    out = []
+    for x in _list(v):
+        t = str(x).strip().lower()
+        if t in ("none", "null", "0", "all"):
+            out.append("null")
+        elif t.isdigit() and not isinstance(x, bool):
+            out.append(str(int(t)))
+        else:
+            raise ValueError(f"bad micro-batch value {x!r}: a positive integer (images per chunk), or none / 0 "
+                             "for the whole batch; a list is comma-separated, e.g. --micro-batch none,1024,256")
+    return out
+
+
+def checkpointings(v) -> list:
+    """The ``checkpointing`` setting -> the ``model.checkpointing`` overrides to measure: None (not given)
+    -> [None] (the preset's); else each of on/off (true/false, 1/0, yes/no). ValueError otherwise."""
+    if v is None:
+        return [None]
+    words = {"on": "true", "true": "true", "1": "true", "yes": "true",
+             "off": "false", "false": "false", "0": "false", "no": "false"}
+    out = []
+    for x in _list(v):
+        t = str(x).strip().lower()
+        if t not in words:
+            raise ValueError(f"bad checkpointing value {x!r}: on or off (true/false); a list is comma-separated, "
+                             "e.g. --checkpointing off,on")
+        out.append(words[t])
+    return out
+
+
+def _build_config(s: dict, micro_batch: str | None = None, checkpointing: str | None = None):
+    """The trainer config for settings `s`: preset <- overrides <- the explicit settings <- this
+    configuration's `micro_batch` / `checkpointing` (override values; None: not overridden)."""
     over = list(s["overrides"] or ())
     explicit = {"method": s["method"], "model.backbone": s["backbone"], "model.width": s["width"],
                 "train.batch_size": s["batch"], "data.image_size": s["image_size"], "device": s["device"],
@@ -95,6 +156,10 @@ def _build_config(s: dict):
             over.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
     if s["data"] == "synthetic":
         over += ["data.name=synthetic", "data.stream=null", "data.cache_mode=none"]
+    if micro_batch is not None:
+        over.append(f"train.micro_batch={micro_batch}")
+    if checkpointing is not None:
+        over.append(f"model.checkpointing={checkpointing}")
     return load_config(s["preset"], over), over
 
 
@@ -133,7 +198,7 @@ def _measure_mode(mode, cfg, ds, env, steps, warmup, notes, prime_only=False):
     data = TrainData(cfg, env, ds=ds)
     model, channels_last = build_model(cfg, len(ds), env)
     opt, sched = make_optimizer(model, cfg, data.steps_per_epoch)
-    step = Step(model, wrap_model(model, cfg, env), opt, sched, env.amp)
+    step = Step(model, wrap_model(model, cfg, env), opt, sched, env.amp, cfg.train.micro_batch)   # as the trainer
     step.net.train()
     augs, size, b = model.view_augs(data.aug), data.size, cfg.train.batch_size
     if mode == "synthetic":
@@ -182,11 +247,11 @@ def _measure_mode(mode, cfg, ds, env, steps, warmup, notes, prime_only=False):
                 ev[i][1].record()
                 loss = train_part(views, index)
             else:
-                a = time.perf_counter()
+                t_a = time.perf_counter()
                 views, index = data_part(warmup + i)
-                b = time.perf_counter()
+                t_b = time.perf_counter()
                 loss = train_part(views, index)
-                cpu_marks.append((a, b))
+                cpu_marks.append((t_a, t_b))
         if device.type == "cuda":
             ev_end.record()
         sync(device)
@@ -202,10 +267,16 @@ def _measure_mode(mode, cfg, ds, env, steps, warmup, notes, prime_only=False):
         step_ms = [starts[i].elapsed_time(starts[i + 1]) for i in range(steps)]
         data_ms = [ev[i][0].elapsed_time(ev[i][1]) for i in range(steps)]
         peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        tensor_mib = None
     else:
         step_ms = [1e3 * (cpu_marks[i + 1][0] - cpu_marks[i][0]) for i in range(steps)]
         data_ms = [1e3 * (cpu_marks[i][1] - cpu_marks[i][0]) for i in range(steps)]
-        peak_mib = max(0, probe.peak - rss0) / 2**20
+        gc.collect()
+        with StepRss(restore=keep_freed_memory) as m:   # one more step, its own peak (see StepRss)
+            loss = train_part(*data_part(warmup + steps))
+        peak_mib = (m.peak if m.ok else max(0, probe.peak - rss0)) / 2**20
+        loss, tensor_bytes = tensor_peak(lambda: train_part(*data_part(warmup + steps + 1)))   # and one more
+        tensor_mib = None if tensor_bytes is None else tensor_bytes / 2**20
     loss_v = float(loss.detach().float())
     if loss_v != loss_v or abs(loss_v) == float("inf"):
         notes.append(f"{mode}: the loss is not finite ({loss_v}) after the timed steps")
@@ -213,7 +284,8 @@ def _measure_mode(mode, cfg, ds, env, steps, warmup, notes, prime_only=False):
     res = dict(views_per_s=steps * b * n_views / wall, ms_per_step=statistics.median(step_ms),
                ms_per_step_mean=1e3 * wall / steps, data_ms=statistics.median(data_ms) if mode != "synthetic" else 0.0,
                data_share=(sum(data_ms) / sum(step_ms)) if mode != "synthetic" else 0.0,
-               peak_mem_mib=peak_mib, base_mem_mib=None if base_mem is None else base_mem / 2**20,
+               peak_mem_mib=peak_mib, tensor_peak_mib=tensor_mib,
+               base_mem_mib=None if base_mem is None else base_mem / 2**20,
                warmup_s=warmup_s, minor_faults_per_step=faults / steps, loss=loss_v,
                view_sizes=[a.size for a in augs], n_views=n_views,
                **_flop_views(model, cfg, [a.size for a in augs]))
@@ -233,7 +305,9 @@ def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[di
 
     Returns ``(rows, config)``: one row per mode (``mode, method, backbone, image_size, batch,
     n_views, views_per_s, ms_per_step`` (median), ``ms_per_step_mean``, ``data_ms`` (median),
-    ``data_share``, ``peak_mem_mib``, ``base_mem_mib`` (CUDA: allocated before the timed steps),
+    ``data_share``, ``peak_mem_mib`` (CUDA: max_memory_allocated; CPU: a step's peak RSS growth),
+    ``tensor_peak_mib`` (CPU: a step's peak tensor bytes; None on CUDA), ``micro_batch``,
+    ``checkpointing``, ``base_mem_mib`` (CUDA: allocated before the timed steps),
     ``gflop_per_view`` (backbone forward, one image), ``gflop_per_step`` (backbone, forward +
     backward), ``tflops``, ``warmup_s``, ``loss``) and the resolved configuration.
     """
@@ -247,7 +321,11 @@ def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[di
         raise ValueError(f"unknown data {s['data']!r}; valid: preset, synthetic")
     if int(s["steps"]) < 1 or int(s["warmup"]) < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {s['steps']}, {s['warmup']}")
-    cfg, over = _build_config(s)
+    over = _build_config(s)[1]
+    # one configuration per (micro-batch, checkpointing) pair; they differ in those two keys only
+    configs = [_build_config(s, mb, ck)[0]
+               for mb, ck in itertools.product(micro_batches(s["micro_batch"]), checkpointings(s["checkpointing"]))]
+    cfg = configs[0]
     device = resolve_device(cfg.device)
     stream = streams(cfg)
     prev_threads = torch.get_num_threads()
@@ -271,10 +349,15 @@ def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[di
         rows, size = [], None
         if device.type == "cpu" and modes:   # see the note below: every timed mode then finds a warm heap
             _measure_mode(modes[0], cfg, ds, env, 0, max(1, int(s["warmup"])), notes, prime_only=True)
-        for mode in modes:
-            r, size = _measure_mode(mode, cfg, ds, env, int(s["steps"]), int(s["warmup"]), notes)
-            rows.append(dict(mode=mode, method=cfg.method, backbone=cfg.model.backbone, image_size=size,
-                             batch=cfg.train.batch_size, **r))
+        for c in configs:
+            for mode in modes:
+                r, size = _measure_mode(mode, c, ds, env, int(s["steps"]), int(s["warmup"]), notes)
+                rows.append(dict(mode=mode, method=c.method, backbone=c.model.backbone, image_size=size,
+                                 batch=c.train.batch_size, micro_batch=c.train.micro_batch,
+                                 checkpointing=bool(c.model.checkpointing), **r))
+                progress("throughput", mode=mode, micro_batch=c.train.micro_batch or "all",
+                         checkpointing="on" if c.model.checkpointing else "off", views_per_s=r["views_per_s"],
+                         peak_mem_mib=r["peak_mem_mib"], tensor_peak_mib=r["tensor_peak_mib"] or 0.0)
     finally:
         torch.set_num_threads(prev_threads)
         torch.backends.cudnn.benchmark = prev_bench
@@ -286,6 +369,9 @@ def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[di
         r["gflop_per_view"] = flops[sizes[0]] / 1e9
         r["gflop_per_step"] = per_image * r["batch"] / 1e9
         r["tflops"] = r["gflop_per_step"] * r["views_per_s"] / (r["batch"] * r["n_views"]) / 1e3
+    if any(c.model.checkpointing for c in configs):
+        notes.append("checkpointing: the backbone's stages run forward again in the backward (about 1/3 more "
+                     "backbone compute); tflops counts the model's FLOPs, not the recomputation")
     notes.append("tflops = counted backbone FLOPs (FlopCounterMode, one forward, x3 for forward+backward of each "
                  "trained view; MoCo: x3 for the query view(s), x1 for the key encoder's view(s)) x steps/s; "
                  "the projection head, the loss, the optimiser and the augmentation are not counted, and x3 slightly "
@@ -295,8 +381,22 @@ def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[di
                      "the wall clock over the timed steps; peak_mem_mib = torch.cuda.max_memory_allocated over the "
                      "timed steps (weights, optimiser state, dataset on device and activations)")
     else:
-        notes.append("CPU: peak_mem_mib = increase of the process RSS (sampled every 5 ms) over its value before the "
-                     "mode's model was built; coarse (the allocator keeps freed memory)")
+        with StepRss(restore=keep_freed_memory) as m:
+            pass
+        if m.ok:
+            notes.append("CPU: peak_mem_mib = the peak RSS growth of one more, untimed step after the timed ones "
+                         "(data part + training step: activations, gradients, temporaries) above the resident "
+                         "model and optimiser state: freed heap memory given back to the OS (malloc_trim), blocks "
+                         ">= 64 KiB mmapped so that a freed tensor leaves the RSS, and the kernel's high-water mark "
+                         "reset (/proc/self/clear_refs) before it; VmHWM after it minus the RSS before it. "
+                         "Comparable between rows; not the process's total (max_rss_mib); about +-10% between runs")
+        else:
+            notes.append("CPU: peak_mem_mib = increase of the process RSS (sampled every 5 ms) over its value before "
+                         "the mode's model was built; coarse (the allocator keeps freed memory)")
+        notes.append("CPU: tensor_peak_mib (tensor MiB) = the peak of the tensor bytes allocated at once during one "
+                     "more step, from the profiler's memory timeline (torch.profiler, profile_memory): activations, "
+                     "gradients and temporaries above the resident model and optimiser state, without the "
+                     "allocator's overhead and the noise of the RSS: the CPU counterpart of CUDA's peak")
         notes.append("CPU: an untimed priming run (build + warm-up of the first mode) comes first, so every timed mode "
                      "finds the heap that an earlier run left: in a fresh process glibc malloc gives large freed "
                      "blocks back to the OS and each step page-faults them in again (minor_faults_per_step; "
@@ -309,7 +409,9 @@ def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[di
     if cfg.train.compile and int(s["warmup"]) == 0:
         notes.append("compile=true with warmup=0: compilation happens in the timed steps")
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()}
-    config.update(overrides=over, method=cfg.method, backbone=cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
+    config.update(overrides=over, micro_batch=list(dict.fromkeys(c.train.micro_batch for c in configs)),
+                  checkpointing=list(dict.fromkeys(bool(c.model.checkpointing) for c in configs)),
+                  method=cfg.method, backbone=cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
                   width=cfg.model.width if cfg.model.backbone == "resnet_small" else None,
                   batch=cfg.train.batch_size, image_size=size, dataset=cfg.data.name, stream=stream,
                   dataset_size=len(ds), optimizer=cfg.train.optimizer, device=str(device),
@@ -324,9 +426,12 @@ def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[di
 
 
 COLUMNS = [("mode", 9, "mode"), ("method", 8, "method"), ("backbone", 12, "backbone"), ("size", 4, "image_size"),
-           ("batch", 5, "batch"), ("views/s", 10, "views_per_s:.1f"), ("ms/step", 9, "ms_per_step:.2f"),
+           ("batch", 5, "batch"), ("micro", 5, lambda r: r.get("micro_batch") or "all"),
+           ("ckpt", 4, lambda r: "on" if r.get("checkpointing") else "off"), ("views/s", 10, "views_per_s:.1f"),
+           ("ms/step", 9, "ms_per_step:.2f"),
            ("data ms", 8, "data_ms:.2f"), ("data %", 6, lambda r: f"{100 * r['data_share']:.1f}"),
-           ("peak MiB", 9, "peak_mem_mib:.1f"), ("GFLOP/v", 8, "gflop_per_view:.3f"), ("TFLOP/s", 8, "tflops:.3f")]
+           ("peak MiB", 9, "peak_mem_mib:.1f"), ("tensor MiB", 10, "tensor_peak_mib:.1f"),
+           ("GFLOP/v", 8, "gflop_per_view:.3f"), ("TFLOP/s", 8, "tflops:.3f")]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -365,6 +470,11 @@ def _options(p) -> None:
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
                    dest="cudnn_benchmark", help="torch.backends.cudnn.benchmark (default: as is, like the trainer)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--micro-batch", dest="micro_batch", metavar="M[,M...]",
+                   help="train.micro_batch values to measure, comma-separated; none or 0 = the whole batch "
+                        "(e.g. none,1024,256; default: the preset's)")
+    p.add_argument("--checkpointing", metavar="off|on[,...]",
+                   help="model.checkpointing values to measure, comma-separated (e.g. off,on; default: the preset's)")
 
 
 BENCH = Bench(

@@ -40,11 +40,13 @@ __all__ = ["RESUME_MAY_CHANGE", "Run", "check_resume", "checkpoint_path", "open_
 # The keys that may change when a run is resumed: how long it runs, how often it logs, checkpoints
 # and evaluates, where and how fast it runs. Every other key (model, method, augmentation, batch
 # size, data set and split, optimiser and schedule shape, seed ...) is fixed by the checkpoint.
+# The memory knobs too (train.micro_batch, model.checkpointing): a run resumed where memory is
+# smaller may cut its batch into smaller chunks (exact but for BatchNorm's per-chunk statistics).
 # A name ending in "." stands for every key under it.
 RESUME_MAY_CHANGE = (
     "run_dir", "preset", "device",
     "train.epochs", "train.max_steps", "train.checkpoint_every", "train.log_every", "train.threads",
-    "train.precision", "train.compile", "train.resume",
+    "train.precision", "train.compile", "train.resume", "train.micro_batch", "model.checkpointing",
     "train.nonfinite", "train.nonfinite_lr_factor", "train.nonfinite_max",
     "data.root", "data.download", "data.num_workers", "data.prefetch", "data.on_error", "data.index_cache",
     "data.cache_mode", "data.decode",

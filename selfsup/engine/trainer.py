@@ -39,7 +39,7 @@ from .logging import MetricLogger
 from .runs import checkpoint_path, open_run
 from .setup import setup_env
 from .signals import StopSignals
-from .step import Step, build_model, check_input_size, make_optimizer, wrap_model
+from .step import Step, build_model, check_input_size, make_optimizer, micro_batch_line, wrap_model
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "export_encoder"]
 
@@ -103,7 +103,10 @@ class Trainer:
             self._resume(ckpt)
         else:
             self.model.init_from_data(self._encode)   # a fresh start: state that starts from the data
-        self.step = Step(self.model, wrap_model(self.model, cfg, self.env), opt, sched, self.env.amp)
+        self.step = Step(self.model, wrap_model(self.model, cfg, self.env), opt, sched, self.env.amp,
+                         cfg.train.micro_batch)
+        if self.env.main and (line := micro_batch_line(cfg, self.env.world, self.model)):
+            print(line)
         self.guarded = cfg.train.nonfinite != "stop"
         self.bn = BNSnapshot(self.model, self.guarded)
         self.saved_step, self.skipped_images, self.knn, self.knn_step = -1, 0, {}, -1

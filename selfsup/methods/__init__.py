@@ -22,7 +22,7 @@ def build_method(cfg, encoder_state: dict | None = None, source: str = "") -> Me
     m = cfg.model
     args = m.get("backbone_args") or {}
     args = OmegaConf.to_container(args) if isinstance(args, DictConfig) else dict(args)
-    backbone, feat_dim = build_backbone(m.backbone, m.cifar_stem, m.width, args)
+    backbone, feat_dim = build_backbone(m.backbone, m.cifar_stem, m.width, args, m.get("checkpointing", False))
     if encoder_state is not None:
         load_encoder_state(backbone, encoder_state, source, m.backbone)
     return METHODS[cfg.method](cfg, backbone, feat_dim)

@@ -10,6 +10,11 @@ The hooks, in the order the engine calls them:
 * each step: ``make_views`` -> ``forward(views, index)`` -> backward -> the engine's optimiser
   step -> ``optimizer_step(lr)`` -> ``after_step()``; a step dropped by the non-finite guard calls
   ``discard_step()`` instead of the last three;
+* ``forward`` is ``loss(encode(views), prepare(views, index), index)``, three parts the engine also
+  calls one by one under ``train.micro_batch`` (gradient caching, :mod:`selfsup.engine.step`):
+  ``prepare`` (no gradient, once per step: keys, noise rows, targets, the gathers), ``encode`` (the
+  trained representations, row i from sample i only) and ``loss`` (on all rows, or on a part of the
+  batch when ``per_sample_loss``);
 * under DDP: ``ddp_ignored()`` (per-rank state) and ``rank_identical_buffers()`` are kept out of
   DDP's broadcasts;
 * checkpoints: ``gather_sharded_state`` (collective) when ``ddp_ignored()`` is not empty;
@@ -30,13 +35,17 @@ Encode = Callable[..., Tensor]
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set `n_views` and implement `forward(views, index) -> dict`.
+    """Base class. Subclasses set `n_views` and implement `encode`, `loss` and, when they need one,
+    `prepare` (the parts of `forward(views, index) -> dict`).
 
     forward returns a dict with at least "loss" (a scalar tensor); other entries are logged.
     `views` is a list of `n_views` float tensors (B, 3, H, W); `index` the (B,) instance indices.
     """
 
     n_views: int = 2
+    # the loss is a mean of per-sample terms once `prepare` has run (no term reads another sample's
+    # representation): under train.micro_batch each chunk's loss is backpropagated as it comes
+    per_sample_loss: bool = False
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__()
@@ -45,7 +54,29 @@ class Method(nn.Module):
         m = cfg.model
         self.head = projection_head(feat_dim, m.head_hidden or feat_dim, m.proj_dim, m.head_layers)
 
-    def forward(self, views: list[Tensor], index: Tensor) -> dict:  # pragma: no cover - abstract
+    def forward(self, views: list[Tensor], index: Tensor, encode_only: bool = False):
+        """The step's outputs {"loss", ...}; with `encode_only`, only ``encode(views)`` (the engine's
+        gradient-caching passes go through here, so DDP sees each of them)."""
+        if encode_only:
+            return self.encode(views)
+        ctx = self.prepare(views, index)
+        return self.loss(self.encode(views), ctx, index)
+
+    def prepare(self, views: list[Tensor], index: Tensor, chunk: int | None = None):
+        """What the loss needs besides the representations, computed once per step without a gradient
+        (keys of a momentum encoder, noise rows, targets; every collective of the step but the loss's
+        own): the step's context for `loss`. `chunk`: run any encoder on at most this many images at
+        once. None by default."""
+
+    def encode(self, views: list[Tensor]) -> list[Tensor]:  # pragma: no cover - abstract
+        """The trained representations of `views`: a list of (b, ...) tensors whose row i depends on
+        sample i of the views only (and on BatchNorm's batch statistics)."""
+        raise NotImplementedError
+
+    def loss(self, reps: list[Tensor], ctx, index: Tensor, part: slice = slice(None)) -> dict:  # pragma: no cover
+        """The outputs ("loss" and logged extras) for the samples `part` of the batch: `reps` are those
+        samples' representations, `ctx` and `index` the whole batch's. `part` is the whole batch unless
+        `per_sample_loss`."""
         raise NotImplementedError
 
     @property
@@ -113,6 +144,23 @@ class Method(nn.Module):
         space of `head(backbone(x))` (InstDisc's memory bank); the kNN monitor then reports a second
         kNN on them. None (the default) when the method keeps none."""
         return None
+
+
+def chunks(b: int, m: int) -> list[slice]:
+    """The fewest parts of at most `m` of a batch of `b`, their sizes differing by at most one (no small
+    last part: BatchNorm's groups stay alike); train.micro_batch's chunks."""
+    n = -(-b // m)
+    size, extra = divmod(b, n)
+    bounds = [i * size + min(i, extra) for i in range(n + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int | None) -> Tensor:
+    """``fn(x)`` computed on the fewest parts of at most `chunk` rows (sizes differing by at most one,
+    as the engine's micro-batches), concatenated; on all of `x` at once when `chunk` is None."""
+    if not chunk or chunk >= x.shape[0]:
+        return fn(x)
+    return torch.cat([fn(x[p]) for p in chunks(x.shape[0], chunk)])
 
 
 @torch.no_grad()

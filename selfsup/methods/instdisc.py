@@ -43,7 +43,7 @@ class InstDisc(Method):
         self.bank_momentum, self.bank_init = c.bank_momentum, c.bank_init
         self.register_buffer("bank", torch.empty(0, cfg.model.proj_dim))   # sized in setup()
         self.register_buffer("Z", torch.zeros(()))
-        self._pending: tuple[Tensor, Tensor] | None = None
+        self._pending: list[tuple[Tensor, Tensor]] = []   # (features, indices) of this step's parts
         self._z_known = False   # host-side cache of "Z > 0": no device sync per step once set
 
     def setup(self, num_samples: int) -> None:
@@ -71,23 +71,36 @@ class InstDisc(Method):
             self.bank = torch.empty_like(state_dict[key], device=self.bank.device, dtype=self.bank.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, views, index):
+    @property
+    def per_sample_loss(self) -> bool:
+        """Per-sample terms given the noise rows and Z; Z is estimated from the whole first batch."""
+        return self.loss_kind == "softmax" or self._z_known
+
+    def prepare(self, views, index, chunk=None):
+        """The step's NCE noise rows (one set shared by the batch), drawn once."""
         n = self.bank.shape[0]
         if n == 0:
             raise RuntimeError("InstDisc memory bank is empty: call setup(num_samples) before training")
-        f = self.head(self.backbone(views[0]))                          # (B, D)
-        t = self.temperature
+        self._pending = []
+        if self.loss_kind == "softmax":
+            return None
+        return self.bank[torch.randint(n, (self.nce_k,), device=self.bank.device)]   # (K, D)
+
+    def encode(self, views):
+        return [self.head(self.backbone(views[0]))]                     # (B, D)
+
+    def loss(self, reps, noise, index, part=slice(None)):
+        f, index, n, t = reps[0], index[part], self.bank.shape[0], self.temperature
         if self.loss_kind == "softmax":
             loss = instance_softmax(f, self.bank, index, t)
         else:
-            noise = self.bank[torch.randint(n, (self.nce_k,), device=self.bank.device)]   # (K, D)
             pos = self.bank[index]                                       # (B, D)
             if not self._z_known:
                 if float(self.Z) == 0.0:   # first batch: estimate Z once (same value on every rank)
                     self.Z.fill_(D.all_reduce_mean(nce_normalizer(f, pos, noise, t, n)).item())
                 self._z_known = True
             loss = nce_loss(f, pos, noise, self.Z, t, n)
-        self._pending = (F.normalize(f.detach().to(self.bank.dtype), dim=1), index)
+        self._pending.append((F.normalize(f.detach().to(self.bank.dtype), dim=1), index))
         return {"loss": loss}
 
     @torch.no_grad()
@@ -97,7 +110,7 @@ class InstDisc(Method):
         self.bank[index] = F.normalize(self.bank[index] * m + f * (1.0 - m), dim=1)
 
     def discard_step(self) -> None:
-        self._pending = None
+        self._pending = []
 
     def rank_identical_buffers(self) -> list[str]:
         return ["bank", "Z"]   # updated from all ranks' features; Z averaged over ranks
@@ -107,7 +120,7 @@ class InstDisc(Method):
 
     def after_step(self) -> None:
         """Update the bank with this step's features and indices from all ranks."""
-        if self._pending is not None:
-            f, index = self._pending
+        if self._pending:
+            f, index = (torch.cat(x) for x in zip(*self._pending))
             self.update_bank(D.all_gather_no_grad(f), D.all_gather_no_grad(index))
-            self._pending = None
+            self._pending = []

@@ -36,13 +36,14 @@ from torch import Tensor, nn
 from ..losses import info_nce
 from ..parallel import distributed as D
 from ..parallel.shuffle_bn import shuffle_bn_forward, split_bn_forward
-from .base import Method, ema_update_
+from .base import Method, ema_update_, in_chunks
 
 
 class MoCo(Method):
     """MoCo. forward(views=[x1, x2], index) -> {"loss"}; after_step: EMA + enqueue."""
 
     n_views = 2
+    per_sample_loss = True   # each query's term reads its key and the queue, not other queries
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__(cfg, backbone, feat_dim)
@@ -80,31 +81,36 @@ class MoCo(Method):
         return self.head(self.backbone(x))
 
     @torch.no_grad()
-    def keys(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, D) unit-norm keys from the key encoder, in x's order (shuffle BN)."""
+    def keys(self, x: Tensor, chunk: int | None = None) -> Tensor:
+        """(B, 3, H, W) -> (B, D) unit-norm keys from the key encoder, in x's order (shuffle BN). `chunk`:
+        without shuffle BN, encode at most this many images at once (split BN already does)."""
         def enc(v):
             return self.key_head(self.key_backbone(v))
 
         if not self.shuffle_bn:
-            k = enc(x)
+            k = in_chunks(enc, x, chunk)
         elif D.world_size() > 1:
             k = shuffle_bn_forward(enc, x)
         else:
             k = split_bn_forward(enc, x, self.bn_splits)
         return F.normalize(k.to(self.queue.dtype), dim=1)
 
-    def forward(self, views, index):
-        t = self.temperature
+    def prepare(self, views, index, chunk=None):
+        """This step's keys (k2, then k1 when symmetric); they are enqueued in after_step."""
         x1, x2 = views
-        queue = self.queue   # keys of earlier steps; this step's keys are enqueued in after_step
-        q1, k2 = self.query(x1), self.keys(x2)
+        keys = [self.keys(x2, chunk)] + ([self.keys(x1, chunk)] if self.symmetric else [])
+        self._pending_keys = keys[::-1]
+        return keys
+
+    def encode(self, views):
+        return [self.query(x) for x in (views if self.symmetric else views[:1])]
+
+    def loss(self, reps, ctx, index, part=slice(None)):
+        # the queue holds keys of earlier steps; this step's keys are enqueued in after_step
+        t, queue = self.temperature, self.queue
+        loss = info_nce(reps[0], ctx[0][part], queue, t)
         if self.symmetric:
-            q2, k1 = self.query(x2), self.keys(x1)
-            loss = info_nce(q1, k2, queue, t) + info_nce(q2, k1, queue, t)
-            self._pending_keys = [k1, k2]
-        else:
-            loss = info_nce(q1, k2, queue, t)
-            self._pending_keys = [k2]
+            loss = loss + info_nce(reps[1], ctx[1][part], queue, t)
         return {"loss": loss}
 
     @torch.no_grad()

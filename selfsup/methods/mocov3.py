@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..losses import mocov3_contrastive
 from ..parallel import distributed as D
-from .base import Method, ema_update_
+from .base import Method, ema_update_, in_chunks
 
 
 def mocov3_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, last_bn: bool = True) -> nn.Sequential:
@@ -58,6 +58,7 @@ class MoCoV3(Method):
     """MoCo v3. forward(views=[x1, x2], index) -> {"loss", "momentum"}; after_step: EMA update."""
 
     n_views = 2
+    per_sample_loss = True   # each query's term reads the (gradient-free) keys, not other queries
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
         super().__init__(cfg, backbone, feat_dim)
@@ -102,15 +103,22 @@ class MoCoV3(Method):
         return self.predictor(self.head(self.backbone(x)))
 
     @torch.no_grad()
-    def keys(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, D) keys of the momentum encoder (no gradient), not normalised."""
-        return self.key_head(self.key_backbone(x))
+    def keys(self, x: Tensor, chunk: int | None = None) -> Tensor:
+        """(B, 3, H, W) -> (B, D) keys of the momentum encoder (no gradient), not normalised; in parts of
+        at most `chunk` images (BN statistics per part)."""
+        return in_chunks(lambda p: self.key_head(self.key_backbone(p)), x, chunk)
 
-    def forward(self, views, index):
+    def prepare(self, views, index, chunk=None):
+        """The keys of both views from every rank (gathered once)."""
         x1, x2 = views
-        q1, q2 = self.query(x1), self.query(x2)
-        k1, k2 = D.all_gather_no_grad(self.keys(x1)), D.all_gather_no_grad(self.keys(x2))
-        offset, t = D.rank() * q1.shape[0], self.temperature
+        return D.all_gather_no_grad(self.keys(x1, chunk)), D.all_gather_no_grad(self.keys(x2, chunk))
+
+    def encode(self, views):
+        return [self.query(x) for x in views]
+
+    def loss(self, reps, ctx, index, part=slice(None)):
+        (q1, q2), (k1, k2) = reps, ctx
+        offset, t = D.rank() * index.shape[0] + (part.start or 0), self.temperature
         loss = mocov3_contrastive(q1, k2, offset, t) + mocov3_contrastive(q2, k1, offset, t)
         return {"loss": loss, "momentum": self.momentum_at(int(self.ema_step))}
 

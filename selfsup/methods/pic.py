@@ -110,20 +110,30 @@ class PIC(Method):
     def embed(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))
 
-    def forward(self, views, index):
+    def prepare(self, views, index, chunk=None):
+        """The global batch's instances (gathered once per step), their targets and the rows of the step."""
         clf = self.clf
         if clf is None:
             raise RuntimeError("PIC classifier is not built: call setup(num_samples) before training")
-        gidx = D.all_gather_no_grad(index)   # the global batch's instances: gathered once per step
+        gidx = D.all_gather_no_grad(index)
         if self.alpha:
             clf.refresh_hard_classes_(gidx)
         targets = Targets(gidx, clf.smooth_index(gidx) if self.alpha else None, self.alpha)
         rows = clf.select(self.recent.candidates(gidx, targets.smooth)) if self.recent is not None else clf.shard()
-        loss = clf(self.embed(views[0]), targets, rows)
-        for v in views[1:]:   # small crops: the rows are detached, they train the encoder only
-            loss = loss + clf(self.embed(v), targets, rows, detach=True)
+        return gidx, targets, rows
+
+    def encode(self, views):
+        return [self.embed(v) for v in views]
+
+    def loss(self, reps, ctx, index, part=slice(None)):
+        # not per_sample_loss: under torch.distributed every call of the sharded classifier gathers and
+        # all-reduces, so a micro-batched step computes it once, on every chunk's representations
+        gidx, targets, rows = ctx
+        loss = self.clf(reps[0], targets, rows)
+        for z in reps[1:]:   # small crops: the rows are detached, they train the encoder only
+            loss = loss + self.clf(z, targets, rows, detach=True)
         self._pending = (rows, gidx)
-        return {"loss": loss / len(views)}
+        return {"loss": loss / len(reps)}
 
     def optimizer_step(self, lr: float) -> None:
         """SGD with momentum and weight decay on the rows that took part in the step."""

@@ -17,9 +17,12 @@ class SimCLR(Method):
         super().__init__(cfg, backbone, feat_dim)
         self.temperature = cfg.simclr.temperature
 
-    def forward(self, views, index):
+    def encode(self, views):
         z = self.head(self.backbone(torch.cat(views)))   # one pass: BN statistics over both views
-        z1, z2 = z.chunk(2)
+        return list(z.chunk(len(views)))
+
+    def loss(self, reps, ctx, index, part=slice(None)):
+        z1, z2 = reps
         if D.world_size() == 1:
             return {"loss": nt_xent(z1, z2, self.temperature)}
         # the anchors are this rank's 2B; the candidates every rank's, gathered with their gradient:

@@ -92,7 +92,7 @@ def _bank_worker(rank, world, b, n):
     index = torch.arange(world * b)[rank * b:(rank + 1) * b] * 2 + 1   # disjoint rows per rank
     torch.manual_seed(10 + rank)   # different noise per rank is fine; Z must still agree
     model([images(world * b, 1)[rank * b:(rank + 1) * b]], index)
-    f = model._pending[0].clone()
+    f = model._pending[0][0].clone()
     model.after_step()
     return model.bank.clone(), model.Z.clone(), f
 
