@@ -143,9 +143,8 @@ def checkpointings(v) -> list:
     return out
 
 
-def _build_config(s: dict, micro_batch: str | None = None, checkpointing: str | None = None):
-    """The trainer config for settings `s`: preset <- overrides <- the explicit settings <- this
-    configuration's `micro_batch` / `checkpointing` (override values; None: not overridden)."""
+def _overrides(s: dict) -> list[str]:
+    """The overrides of settings `s` on their preset: the given overrides, then the explicit settings."""
     over = list(s["overrides"] or ())
     explicit = {"method": s["method"], "model.backbone": s["backbone"], "model.width": s["width"],
                 "train.batch_size": s["batch"], "data.image_size": s["image_size"], "device": s["device"],
@@ -156,11 +155,15 @@ def _build_config(s: dict, micro_batch: str | None = None, checkpointing: str | 
             over.append(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
     if s["data"] == "synthetic":
         over += ["data.name=synthetic", "data.stream=null", "data.cache_mode=none"]
-    if micro_batch is not None:
-        over.append(f"train.micro_batch={micro_batch}")
-    if checkpointing is not None:
-        over.append(f"model.checkpointing={checkpointing}")
-    return load_config(s["preset"], over), over
+    return over
+
+
+def _build_config(s: dict, micro_batch: str | None = None, checkpointing: str | None = None):
+    """The trainer config for settings `s` (:func:`_overrides`) and this configuration's `micro_batch` /
+    `checkpointing` (override values; None: not overridden)."""
+    pair = ([f"train.micro_batch={micro_batch}"] if micro_batch is not None else []) + \
+        ([f"model.checkpointing={checkpointing}"] if checkpointing is not None else [])
+    return load_config(s["preset"], _overrides(s) + pair)
 
 
 def _load_train_set(cfg, stream: bool):
@@ -321,9 +324,9 @@ def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[di
         raise ValueError(f"unknown data {s['data']!r}; valid: preset, synthetic")
     if int(s["steps"]) < 1 or int(s["warmup"]) < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got {s['steps']}, {s['warmup']}")
-    over = _build_config(s)[1]
+    over = _overrides(s)
     # one configuration per (micro-batch, checkpointing) pair; they differ in those two keys only
-    configs = [_build_config(s, mb, ck)[0]
+    configs = [_build_config(s, mb, ck)
                for mb, ck in itertools.product(micro_batches(s["micro_batch"]), checkpointings(s["checkpointing"]))]
     cfg = configs[0]
     device = resolve_device(cfg.device)

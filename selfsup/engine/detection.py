@@ -16,8 +16,6 @@ Schedule (:func:`det_schedule`): MoCo's VOC schedule, 24k iterations at batch 16
 from __future__ import annotations
 
 import hashlib
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -26,13 +24,13 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from ..data.detection import detection_sets
-from ..errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingStopped
+from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..eval.detection import build_detector, detection_scores, set_test_size
 from ..parallel import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logging import MetricLogger
 from .setup import setup_env
-from .signals import StopSignals
+from .signals import StopSignals, stopped
 
 __all__ = ["det_protocol", "det_schedule", "run_detection"]
 
@@ -211,12 +209,8 @@ def run_detection(cfg, encoder: torch.nn.Module, out_dir: str | Path, init: str,
             if (env.world == 1 or it % e.det_log_every == 0) and (signum := stop.agreed(env.device)):
                 checkpoint()
                 logger.close()
-                name = signal.Signals(signum).name
-                msg = (f"selfsup: stopped by {name} after detection iteration {it}; checkpoint saved in {ckpt_path}; "
-                       f"run the same `selfsup eval detection` command again to resume")
-                if env.main:
-                    print(msg, file=sys.stderr, flush=True)
-                raise TrainingStopped(name, msg)
+                raise stopped(signum, f"detection iteration {it}", ckpt_path,
+                              "run the same `selfsup eval detection` command again to resume", env.main)
     checkpoint()
     s_per_iter = (time.perf_counter() - t0) / iters_here if iters_here else None
     scores = test_detector(model, test_ds, e.det_batch_size // env.world, env)

@@ -17,14 +17,16 @@ checks after every step.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import torch
 import torch.distributed as dist
 
+from ..errors import TrainingStopped
 from ..parallel import distributed as D
 
-__all__ = ["StopSignals", "STOP_SIGNALS"]
+__all__ = ["STOP_SIGNALS", "StopSignals", "stopped"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -59,3 +61,13 @@ class StopSignals:
         flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
+
+
+def stopped(signum: int, after: str, checkpoint, resume: str, main: bool) -> TrainingStopped:
+    """The exception that ends a run stopped by `signum` once its checkpoint is written; rank 0 (`main`)
+    prints the one line: the signal, how far it got (`after`), the checkpoint and how to `resume`."""
+    name = signal.Signals(signum).name
+    msg = f"selfsup: stopped by {name} after {after}; checkpoint saved in {checkpoint}; {resume}"
+    if main:
+        print(msg, file=sys.stderr, flush=True)
+    return TrainingStopped(name, msg)

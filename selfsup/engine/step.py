@@ -123,6 +123,7 @@ class Step:
     def __init__(self, model: Method, net: nn.Module, opt, sched, amp, micro_batch: int | None = None):
         self.model, self.net, self.opt, self.sched, self.amp = model, net, opt, sched, amp
         self.micro_batch = micro_batch
+        self._bn = BNSnapshot(model, micro_batch is not None)   # put back after the no-graph pass
 
     def _autocast(self, views):
         return torch.autocast(views[0].device.type, dtype=self.amp, enabled=self.amp is not None)
@@ -161,14 +162,14 @@ class Step:
                 loss = loss + part_loss.detach()
             return {**out, "loss": loss}
         dev = views[0].device
-        rng, bn = [], BNSnapshot(model, True)
-        bn.save()
+        rng = []
+        self._bn.save()
         with torch.no_grad(), self._autocast(views):
             encoded = []
             for p in parts:
                 rng.append(_rng_state(dev))
                 encoded.append(model.encode([v[p] for v in views]))
-        bn.restore()
+        self._bn.restore()
         reps = [torch.cat(r).requires_grad_() for r in zip(*encoded)]
         del encoded
         with self._autocast(views):

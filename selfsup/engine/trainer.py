@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import shlex
-import signal
-import sys
 import time
 import warnings
 
@@ -27,7 +25,7 @@ from tqdm import tqdm
 
 from ..config import validate
 from ..data.splits import load_eval_data, pixels
-from ..errors import CollectiveTimeoutError, NonFiniteLossError, SelfsupError, TrainingStopped
+from ..errors import CollectiveTimeoutError, NonFiniteLossError, SelfsupError
 from ..eval.features import extract_features
 from ..eval.monitor import monitor_eval
 from ..parallel import distributed as D
@@ -38,7 +36,7 @@ from .guard import BNSnapshot, all_finite, check_params, nonfinite_error, scale_
 from .logging import MetricLogger
 from .runs import checkpoint_path, open_run
 from .setup import setup_env
-from .signals import StopSignals
+from .signals import StopSignals, stopped
 from .step import Step, build_model, check_input_size, make_optimizer, micro_batch_line, wrap_model
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "export_encoder"]
@@ -164,12 +162,8 @@ class Trainer:
         self.checkpoint()
         self.bar.close()
         self.logger.close()
-        name = signal.Signals(signum).name
-        msg = (f"selfsup: stopped by {name} after step {self.state.step}; checkpoint saved in "
-               f"{checkpoint_path(self.run_dir)}; resume with: selfsup train --resume {shlex.quote(str(self.run_dir))}")
-        if self.env.main:
-            print(msg, file=sys.stderr, flush=True)
-        raise TrainingStopped(name, msg)
+        raise stopped(signum, f"step {self.state.step}", checkpoint_path(self.run_dir),
+                      f"resume with: selfsup train --resume {shlex.quote(str(self.run_dir))}", self.env.main)
 
     def _train_step(self) -> None:
         """One step of the run: data, forward/backward, the guard, the update, then what is due."""

@@ -168,12 +168,10 @@ def voc07_ap(recall: np.ndarray, precision: np.ndarray) -> float:
 
 
 def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one (4,) box with (M, 4) boxes, continuous coordinates (no +1 pixel)."""
-    w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
-    inter = w * h
-    area = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area - inter, 1e-12)
+    """IoU of one (4,) box with (M, 4) boxes (torchvision's box_iou: continuous coordinates, no +1 pixel)."""
+    from torchvision.ops import box_iou
+
+    return box_iou(torch.from_numpy(box[None]), torch.from_numpy(boxes))[0].numpy()
 
 
 def voc_class_ap(dets: list, gts: dict, iou: float = 0.5) -> float | None:
