@@ -35,7 +35,7 @@ demo: $(STAMP) data
 	[ -n "$$preset" ] || preset=$$($(PY) -c "import torch; print('simclr-fmnist' if torch.cuda.is_available() else 'simclr-fmnist-cpu')"); \
 	echo "selfsup train $$preset run_dir=$(RUN_DIR)"; \
 	$(VENV)/bin/selfsup train $$preset run_dir=$(RUN_DIR) $(if $(SELFSUP_DATA),,$(if $(wildcard $(FMNIST_DIR)/*),,data.download=true))
-	$(VENV)/bin/selfsup eval knn --run $(RUN_DIR)
+	$(VENV)/bin/selfsup eval knn --run $(RUN_DIR) --baselines
 	$(VENV)/bin/selfsup visualize --run $(RUN_DIR) --method tsne --max-points 2000
 	$(VENV)/bin/selfsup report --run $(RUN_DIR)
 	@echo "run directory: $(RUN_DIR)"

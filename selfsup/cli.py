@@ -4,6 +4,7 @@
     selfsup train --resume RUN_DIR [key=value ...]    continue a run exactly where it stopped
     selfsup eval knn --run RUN_DIR [key=value ...]    weighted kNN of a run's encoder
         [--k 10,20,200 --t 0.07,0.1]                  ... plus a sweep of k x t in one pass
+        [--baselines]                                 ... beside raw pixels and the encoder at random init
     selfsup eval linear --run RUN_DIR [key=value ...] linear classifier on the frozen encoder
                                                       (eval.linear_mode=features | augment)
     selfsup eval logreg --run RUN_DIR [key=value ...] L2 logistic regression (L-BFGS), l2 picked
@@ -179,6 +180,12 @@ def _cmd_eval_knn(args) -> dict:
     res["protocol"] = knn_protocol(cfg, len(train_ds))
     if args.k or args.t:
         res["sweep"] = [r for k in ks for t in ts for r in table if r["k"] == k and r["t"] == t]
+    if args.baselines:
+        from .engine.setup import autocast_dtype
+        from .eval.baselines import baselines, gains_line
+
+        res.update(baselines(cfg, train_ds, test_ds, device, autocast_dtype(cfg, device)))
+        print(gains_line(res))
     return _save_eval(cfg, "knn", res)
 
 
@@ -438,11 +445,12 @@ def _cmd_bench(args) -> dict:
         return None
     if args.what not in BENCHES:
         raise ConfigError(f"unknown benchmark '{args.what}'. Valid: {', '.join(BENCHES)} (see `selfsup bench --list`)")
-    argv = list(args.args)
-    if "--out" not in argv:
+    argv, bench = list(args.args), BENCHES[args.what]
+    if "--out" not in argv and not bench.out_file:
         argv += ["--out", f"runs/bench/{args.what}.json"]
-    res = BENCHES[args.what].main(argv)
-    return {"rows": res["rows"], "notes": res["notes"], "out": argv[argv.index("--out") + 1]}
+    res = bench.main(argv)
+    out = os.path.join(res["config"]["out"], bench.out_file) if bench.out_file else argv[argv.index("--out") + 1]
+    return {"rows": res["rows"], "notes": res["notes"], "out": out}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--config", metavar="YAML")
     k.add_argument("--k", metavar="K1,K2,...", help="also report a sweep over these k (one search, top-max(k))")
     k.add_argument("--t", metavar="T1,T2,...", help="also report a sweep over these temperatures")
+    k.add_argument("--baselines", action="store_true", help="also score raw pixels (centred) and the same encoder "
+                   "at random init (the run's seed) with the same protocol (baseline_*_top1 in knn.json)")
     k.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. eval.knn_k=20")
     k.set_defaults(fn=_cmd_eval_knn)
     for name, fn, text in (

@@ -64,6 +64,9 @@ class AugConfig:
     jitter_p: float = 0.8
     gray_p: float = 0.2
     solarize_p: float = 0.0
+    rotate: float = 0.0                 # random rotation: angle uniform in [-rotate, rotate] degrees ...
+    rotate_p: float = 0.0               # ... with this probability (after the crop; corners black)
+    erase_p: float = 0.0                # random erasing (cutout): one black rectangle of 2-20% of the area
 
 
 @dataclass
@@ -75,6 +78,7 @@ class ModelConfig:
     width: int = 32                     # base width of resnet_small only
     head_layers: int = 2                # 2: SimCLR v1 head, 3: SimCLR v2 head
     head_hidden: Optional[int] = None   # None: the backbone's feature dim
+    head_out_bn: Optional[bool] = None  # BatchNorm (no affine) on the head's output; None: with head_layers=3 only
     proj_dim: int = 128
     init_from: Optional[str] = None     # an export (`selfsup export`, encoder.safetensors): the encoder's start
     checkpointing: bool = False         # activation checkpointing: recompute each backbone stage in the backward
@@ -147,7 +151,7 @@ class TrainConfig:
     schedule: str = "cosine"            # cosine | constant
     checkpoint_every: Optional[int] = None  # steps; None: each epoch's end
     log_every: int = 50                 # steps
-    precision: str = "auto"             # auto (bf16 on cuda) | bf16 | fp32
+    precision: str = "auto"             # auto (bf16 on cuda) | fast (bf16 on cuda and on CPUs with AMX) | bf16 | fp32
     channels_last: bool = True          # NHWC activations (faster with cuDNN and with oneDNN on CPU)
     compile: bool = False
     threads: Optional[int] = None       # torch CPU threads; None: torch default
@@ -350,7 +354,7 @@ CHOICES = {
     "instdisc.bank_init": ("random", "features"),
     "train.optimizer": ("lars", "sgd", "adamw"),
     "train.schedule": ("cosine", "constant"),
-    "train.precision": ("auto", "bf16", "fp32"),
+    "train.precision": ("auto", "fast", "bf16", "fp32"),
     "train.nonfinite": ("stop", "skip", "rollback"),
     "train.resume": ("never", "auto"),
     "eval.linear_mode": ("features", "augment"),
@@ -370,6 +374,9 @@ RANGES = {
     "aug.jitter_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "aug.gray_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "aug.solarize_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "aug.rotate": (lambda v: 0 <= v <= 180, "in [0, 180] (degrees)"),
+    "aug.rotate_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "aug.erase_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "aug.crop_scale": (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1, "a pair [lo, hi] with 0 < lo <= hi <= 1"),
     "model.width": (lambda v: v >= 1, ">= 1"),
     "train.micro_batch": (lambda v: v >= 1, ">= 1 (images per chunk; null: the whole batch at once)"),

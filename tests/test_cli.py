@@ -22,7 +22,7 @@ def test_list_presets(capsys):
     (["train", "simclr-fmnist-cpu", "method=byol"], "Valid methods"),
     (["train", "--resume", "/nonexistent/run"], "not a run directory"),
     (["eval", "knn", "--run", "/nonexistent/run"], "does not exist"),
-    (["bench", "nope"], "Valid: classifier, throughput, augment, data"),
+    (["bench", "nope"], "Valid: classifier, throughput, augment, data, methods"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(argv, needle, capsys):
     assert main(argv) == 2

@@ -24,7 +24,9 @@ class Bench:
     settings = `defaults` <- `quick` (with ``quick=True``) <- the given ones; ``measure(settings,
     notes)`` returns ``{"rows": [...], "config": {...}, ...}``; the result gets the notes and
     ``table(rows)``, is written to ``out`` (JSON) when given and returned. `options(parser)` adds
-    the command-line options (``--quick`` and ``--out`` are added here)."""
+    the command-line options (``--quick`` and ``--out`` are added here). A benchmark that writes
+    several files names its JSON file in `out_file`: ``out`` is then a folder, passed to ``measure``
+    (which returns the folder it used as ``config["out"]``, a default one when ``out`` was None)."""
 
     name: str
     about: str
@@ -34,13 +36,16 @@ class Bench:
     measure: Callable[[dict, list], dict]
     table: Callable[[list], str]
     options: Callable[[argparse.ArgumentParser], None]
+    out_file: str | None = None
 
     def run(self, args: dict | None = None) -> dict:
         """Measure with `args` (keys of `defaults`, plus ``quick`` and ``out``); return the result."""
         s, quick = settings(args, self.defaults, self.quick)
-        out = s.pop("out", None)
+        out = None if self.out_file else s.pop("out", None)
         notes: list[str] = []
         res = self.measure(s, notes)
+        if self.out_file:
+            out = os.path.join(res["config"]["out"], self.out_file)
         res["config"] = {**res["config"], "quick": quick}
         res.update(notes=notes, table=self.table(res["rows"]))
         return write_json(res, out)
@@ -50,7 +55,8 @@ class Bench:
         p = argparse.ArgumentParser(prog=f"selfsup bench {self.name}", description=self.about)
         p.add_argument("--quick", action="store_true", help=self.quick_help)
         self.options(p)
-        p.add_argument("--out", help="JSON file to write")
+        p.add_argument("--out", help=f"folder to write {self.out_file} and the rest into" if self.out_file
+                       else "JSON file to write")
         return print_result(self.run(vars(p.parse_args(argv))))
 
 
@@ -96,7 +102,7 @@ def text_table(rows: list[dict], columns: list[tuple]) -> str:
 def progress(bench: str, **fields) -> None:
     """One line on stderr per measured configuration, printed as it is measured: a run cut short (a
     time limit on a lent GPU) still shows what it got."""
-    text = " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+    text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
     print(f"[bench {bench}] {text}", file=sys.stderr, flush=True)
 
 

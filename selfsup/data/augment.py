@@ -10,10 +10,12 @@ Pipeline applied by :class:`BatchAugment` (the usual SimCLR/MoCo order)::
     uint8 (B, C, H, W), C in {1, 3}
       -> random resized crop to (size, size), bilinear   [float32 in [0, 1]]
       -> random horizontal flip
+      -> random rotation (prob. rotate_p, angle in [-rotate, rotate] degrees, zero fill)
       -> colour jitter (prob. jitter_p, random op order per sample)
       -> random grayscale (prob. gray_p)
       -> gaussian blur (prob. blur_p)
       -> solarize (prob. solarize_p)
+      -> random erasing (prob. erase_p: one rectangle of 2-20% of the area set to 0)
       -> replicate C=1 to 3 channels, normalise with mean/std
       => float32 (B, 3, size, size)
 
@@ -244,6 +246,30 @@ def _gaussian_blur(x: Tensor, ksize: int, sigma: Tensor) -> Tensor:
     return y.view(bsz, c, h, w)
 
 
+def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
+    """Rotate each image of (B, C, H, W) float ``x`` about its centre by ``degrees`` (B,) (counter-clockwise),
+    bilinear, corners outside the source filled with 0 (torchvision ``rotate`` with ``fill=0``)."""
+    a = degrees * (math.pi / 180.0)
+    cos, sin = torch.cos(a), torch.sin(a)
+    zero = torch.zeros_like(a)
+    # the sampling grid maps output to input coordinates: the inverse rotation (a clockwise turn in the
+    # y-down normalised grid rotates the image counter-clockwise)
+    theta = torch.stack((torch.stack((cos, -sin, zero), 1), torch.stack((sin, cos, zero), 1)), 1)   # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _erase(x: Tensor, apply: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor) -> Tensor:
+    """Set the rectangle [top, top + height) x [left, left + width) of each image of (B, C, H, W) ``x``
+    where ``apply`` (B,) is set to 0 (random erasing / cutout, in [0, 1] pixel space)."""
+    _, _, h, w = x.shape
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = ((ys >= top.view(-1, 1, 1)) & (ys < (top + height).view(-1, 1, 1)) &
+              (xs >= left.view(-1, 1, 1)) & (xs < (left + width).view(-1, 1, 1)))
+    return x.masked_fill((inside & apply.view(-1, 1, 1)).unsqueeze(1), 0.0)
+
+
 def _normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """(B, C, H, W) float, C in {1, 3} -> (B, 3, H, W) ``(x - mean) / std`` per channel.
 
@@ -314,6 +340,19 @@ def _sample_crop_boxes(
     return top, left, h, w
 
 
+def _sample_erase_boxes(batch: int, height: int, width: int, scale, ratio, generator, device):
+    """(B,) long top, left, h, w of one erasing rectangle per image: area a fraction in `scale` of the
+    image, aspect ratio log-uniform in `ratio`, clipped to the image, position uniform."""
+    area = height * width * _uniform(batch, scale[0], scale[1], generator, device)
+    aspect = torch.exp(_uniform(batch, math.log(ratio[0]), math.log(ratio[1]), generator, device))
+    h = torch.round(torch.sqrt(area / aspect)).long().clamp(1, height)
+    w = torch.round(torch.sqrt(area * aspect)).long().clamp(1, width)
+    u = torch.rand((2, batch), generator=generator, device=device)
+    top = torch.floor(u[0] * (height - h + 1)).long()
+    left = torch.floor(u[1] * (width - w + 1)).long()
+    return top, left, h, w
+
+
 # ---------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------
@@ -337,6 +376,10 @@ class BatchAugment:
         blur_p, blur_sigma: gaussian blur probability and sigma range.
         blur_kernel_frac: kernel size = int(frac * size), made odd (SimCLR: 0.1).
         solarize_p, solarize_threshold: solarize probability and threshold in [0, 1].
+        rotate, rotate_p: random rotation by an angle uniform in [-rotate, rotate] degrees with
+            probability rotate_p (after the crop; corners filled with 0, black).
+        erase_p, erase_scale, erase_ratio: random erasing (cutout) with probability erase_p: one
+            rectangle of a fraction erase_scale of the area, aspect ratio erase_ratio, set to 0 (black).
         mean, std: per-channel normalisation (3 values each).
 
     Notes:
@@ -361,6 +404,11 @@ class BatchAugment:
         blur_kernel_frac=0.1,
         solarize_p=0.0,
         solarize_threshold=0.5,
+        rotate=0.0,
+        rotate_p=0.0,
+        erase_p=0.0,
+        erase_scale=(0.02, 0.2),
+        erase_ratio=(0.3, 3.3),
         mean=IMAGE_MEAN,
         std=IMAGE_STD,
     ):
@@ -377,7 +425,8 @@ class BatchAugment:
         if len(mean) != 3 or len(std) != 3:
             raise ValueError("mean and std need 3 values each")
         for name, p in [("flip_p", flip_p), ("jitter_p", jitter_p), ("gray_p", gray_p),
-                        ("blur_p", blur_p), ("solarize_p", solarize_p)]:
+                        ("blur_p", blur_p), ("solarize_p", solarize_p), ("rotate_p", rotate_p),
+                        ("erase_p", erase_p)]:
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
         self.size = int(size)
@@ -394,12 +443,22 @@ class BatchAugment:
         self.blur_kernel = max(k + 1 if k % 2 == 0 else k, 1)
         self.solarize_p = float(solarize_p)
         self.solarize_threshold = float(solarize_threshold)
+        if rotate < 0 or rotate > 180:
+            raise ValueError(f"rotate must be in [0, 180] degrees, got {rotate}")
+        if not (0 < erase_scale[0] <= erase_scale[1] <= 1) or not (0 < erase_ratio[0] <= erase_ratio[1]):
+            raise ValueError(f"erase_scale must satisfy 0 < lo <= hi <= 1 and erase_ratio 0 < lo <= hi, got "
+                             f"{erase_scale}, {erase_ratio}")
+        self.rotate, self.rotate_p = float(rotate), float(rotate_p)
+        self.erase_p = float(erase_p)
+        self.erase_scale = tuple(float(v) for v in erase_scale)
+        self.erase_ratio = tuple(float(v) for v in erase_ratio)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
 
     def __repr__(self) -> str:
         keys = ["size", "crop_scale", "crop_ratio", "flip_p", "jitter", "jitter_p", "gray_p",
-                "blur_p", "blur_sigma", "blur_kernel", "solarize_p", "solarize_threshold", "mean", "std"]
+                "blur_p", "blur_sigma", "blur_kernel", "solarize_p", "solarize_threshold", "rotate", "rotate_p",
+                "erase_p", "erase_scale", "erase_ratio", "mean", "std"]
         return f"{type(self).__name__}(" + ", ".join(f"{k}={getattr(self, k)}" for k in keys) + ")"
 
     def sample_params(
@@ -418,6 +477,9 @@ class BatchAugment:
             order: (B, 4) long, per-sample permutation of ops
                 (0 brightness, 1 contrast, 2 saturation, 3 hue).
             gray, blur, solarize: (B,) bool; sigma: (B,) float32 blur sigma.
+            With rotate_p > 0: rotate (B,) bool and angle (B,) float32 degrees; with erase_p > 0: erase
+            (B,) bool and erase_top, erase_left, erase_height, erase_width (B,) long. (Drawn after the
+            others, only when enabled: the draws of a pipeline without them are unchanged.)
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
         gdev = generator.device if generator is not None else device
@@ -443,6 +505,13 @@ class BatchAugment:
             "sigma": _uniform(batch, self.blur_sigma[0], self.blur_sigma[1], generator, gdev),
             "solarize": coin[4] < self.solarize_p,
         }
+        if self.rotate_p > 0:
+            params["rotate"] = torch.rand(batch, generator=generator, device=gdev) < self.rotate_p
+            params["angle"] = _uniform(batch, -self.rotate, self.rotate, generator, gdev)
+        if self.erase_p > 0:
+            params["erase"] = torch.rand(batch, generator=generator, device=gdev) < self.erase_p
+            boxes = _sample_erase_boxes(batch, self.size, self.size, self.erase_scale, self.erase_ratio, generator, gdev)
+            params.update(zip(("erase_top", "erase_left", "erase_height", "erase_width"), boxes))
         return {k: v.to(device) for k, v in params.items()}
 
     def apply(self, images: Tensor, params: dict[str, Tensor], crop: bool = True) -> Tensor:
@@ -464,6 +533,8 @@ class BatchAugment:
         else:   # already cut to size: only the flip
             x = images.to(torch.float32) * (1.0 / 255.0)
             x = torch.where(p["flip"].view(bsz, 1, 1, 1), x.flip(-1), x)
+        if self.rotate_p > 0 and self.rotate > 0:
+            x = _masked(x, p["rotate"], lambda xs, idx: _rotate(xs, p["angle"][idx]))
         if self.jitter_p > 0 and any(v > 0 for v in self.jitter):
             x = _color_jitter(x, p["jitter"], p["order"], p["brightness"], p["contrast"], p["saturation"], p["hue"])
         if self.gray_p > 0:
@@ -473,6 +544,8 @@ class BatchAugment:
         if self.solarize_p > 0:
             sol = p["solarize"].view(bsz, 1, 1, 1) & (x >= self.solarize_threshold)
             x = torch.where(sol, 1.0 - x, x)
+        if self.erase_p > 0:
+            x = _erase(x, p["erase"], p["erase_top"], p["erase_left"], p["erase_height"], p["erase_width"])
         return _normalize(x, self.mean, self.std)
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None, crop: bool = True) -> Tensor:
@@ -579,4 +652,5 @@ def augment_from_config(a, size: int, crop_scale=None) -> BatchAugment:
     with another crop scale range (multi-crop)."""
     return build_augment(a.preset, size, **({"strength": a.strength} if a.preset == "simclr" else {}),
                          blur=a.blur, crop_scale=tuple(crop_scale or a.crop_scale), jitter_p=a.jitter_p,
-                         gray_p=a.gray_p, solarize_p=a.solarize_p)
+                         gray_p=a.gray_p, solarize_p=a.solarize_p, rotate=a.rotate, rotate_p=a.rotate_p,
+                         erase_p=a.erase_p)

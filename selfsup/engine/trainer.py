@@ -140,8 +140,10 @@ class Trainer:
             print(f"[selfsup] resumed {self.run_dir} at step {step} (epoch {step // spe}, batch {step % spe})")
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> dict:
-        """Train to the end (train.epochs, or train.max_steps); return the final metrics."""
+    def fit(self, hook=None) -> dict:
+        """Train to the end (train.epochs, or train.max_steps); return the final metrics. `hook(trainer)`,
+        when given, runs after every step; it returning True ends the run there, as its end (a budget:
+        `selfsup bench methods`)."""
         s, total = self.state, self.data.total_steps
         self.t_start = time.perf_counter()
         self.t_log, self.step_log = self.t_start, s.step
@@ -151,6 +153,8 @@ class Trainer:
         with StopSignals() as stop:   # SIGTERM / SIGINT: checkpoint and stop after the step (signals.py)
             while s.step < total:
                 self._train_step()
+                if hook is not None and hook(self):
+                    break
                 if (self.env.world == 1 or s.step % self.cfg.train.log_every == 0) and \
                         (signum := stop.agreed(self.env.device)):
                     self._stop(signum)

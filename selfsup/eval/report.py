@@ -60,17 +60,36 @@ def eval_results(run_dir: Path) -> list[dict]:
         rows, tables = [], {}
         for key, value in data.items():
             if _number(value):
-                tags = [t for t in key.split("_") if f"protocol_{t}" in data]
-                rows.append((key, value, str(data[f"protocol_{tags[0]}"] if tags else data["protocol"])))
+                rows.append((key, value, str(data[_protocol_key(key, data)])))
             elif isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
                 tables[key] = value
         out.append({"file": path.name, "rows": rows, "tables": tables})
     return out
 
 
-def plot_curves(events: list[dict], path: Path) -> Path | None:
+def _protocol_key(metric: str, data: dict) -> str:
+    """The protocol of `metric` in an eval file: `protocol_<prefix>` when the metric's name starts with
+    that prefix (baseline_pixels_top1 -> protocol_baseline_pixels), else `protocol_<part>` for a part of
+    its name (knn_bank_top1 -> protocol_bank), else `protocol`."""
+    prefixes = [k for k in data if k.startswith("protocol_") and metric.startswith(k[len("protocol_"):] + "_")]
+    if prefixes:
+        return max(prefixes, key=len)
+    tags = [t for t in metric.split("_") if f"protocol_{t}" in data]
+    return f"protocol_{tags[0]}" if tags else "protocol"
+
+
+def read_knn_eval(run_dir: Path) -> dict:
+    """RUN_DIR/eval/knn.json (`selfsup eval knn`), or {} when there is none or it is unreadable."""
+    try:
+        data = json.loads((Path(run_dir) / "eval" / "knn.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def plot_curves(events: list[dict], path: Path, baselines: dict | None = None) -> Path | None:
     """PNG of loss, learning rate and kNN top-1 against step (top row) and wall time (bottom row);
-    None when there is no train event."""
+    None when there is no train event. `baselines` ({name: top-1}): horizontal lines on the kNN panels."""
     train = [e for e in events if e.get("event") == "train" and _number(e.get("step"))]
     if not train:
         return None
@@ -93,9 +112,14 @@ def plot_curves(events: list[dict], path: Path) -> Path | None:
                     x, y = zip(*pts)
                     ax.plot(x, y, marker="o" if len(pts) < 30 else None, markersize=3, label=key)
                     drawn = True
+            if title == "kNN top-1":
+                for i, (name, value) in enumerate((baselines or {}).items()):
+                    ax.axhline(value, color=f"C{i + 2}", linestyle="--", linewidth=1, label=f"baseline: {name}")
+                    drawn = True
             if not drawn:
                 ax.text(0.5, 0.5, f"no {title} yet", ha="center", va="center", transform=ax.transAxes)
-            elif len(keys) > 1 and any(_number(e.get(keys[1])) for e in evs):
+            elif (len(keys) > 1 and any(_number(e.get(keys[1])) for e in evs)) or \
+                    (title == "kNN top-1" and baselines):
                 ax.legend(fontsize=8)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel(xlabel, fontsize=9)
@@ -165,6 +189,19 @@ def _summary(run_dir: Path, cfg_text: str, events: list[dict]) -> list[tuple[str
                          f"step {first.get('step', '-')})"))
     else:
         rows.append(("final kNN", NONE_YET))
+    rows += _gain_rows(read_knn_eval(run_dir))
+    return rows
+
+
+def _gain_rows(knn: dict) -> list[tuple[str, str]]:
+    """Summary rows of `selfsup eval knn --baselines` (eval/knn.json): the result beside each baseline."""
+    from .baselines import BASELINES, gains
+
+    found = gains(knn)
+    if not found:
+        return []
+    rows = [("kNN top-1 (eval knn)", f"{knn['knn_top1']:.4f} ({knn.get('protocol', '-')})")]
+    rows += [(f"gain over {BASELINES[name]}", f"{gain:+.4f} (baseline {base:.4f})") for name, (base, gain) in found.items()]
     return rows
 
 
@@ -228,7 +265,10 @@ def write_report(run_dir: str | Path) -> dict:
         raise ConfigError(f"'{run_dir}' is not a run directory: {cfg_path} is missing")
     cfg_text = cfg_path.read_text()
     events = read_events(run_dir)
-    curves = plot_curves(events, run_dir / "report_files" / "curves.png")
+    from .baselines import BASELINES, gains
+
+    lines = {BASELINES[n]: base for n, (base, _) in gains(read_knn_eval(run_dir)).items()}
+    curves = plot_curves(events, run_dir / "report_files" / "curves.png", lines)
     evals = eval_results(run_dir)
     plots = sorted((run_dir / "eval").glob("*.png"))
     env = environment()

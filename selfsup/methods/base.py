@@ -52,7 +52,7 @@ class Method(nn.Module):
         self.backbone = backbone
         self.feat_dim = feat_dim
         m = cfg.model
-        self.head = projection_head(feat_dim, m.head_hidden or feat_dim, m.proj_dim, m.head_layers)
+        self.head = projection_head(feat_dim, m.head_hidden or feat_dim, m.proj_dim, m.head_layers, m.head_out_bn)
 
     def forward(self, views: list[Tensor], index: Tensor, encode_only: bool = False):
         """The step's outputs {"loss", ...}; with `encode_only`, only ``encode(views)`` (the engine's

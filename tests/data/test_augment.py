@@ -384,3 +384,38 @@ def test_masked_blur_paths_agree():
     b = _masked(x.clone(), mask, fn, subset=False)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a[~mask], x[~mask])
+
+
+def test_rotation_and_erasing_match_torchvision():
+    imgs = _images(3, 1, 16, 16, seed=5)
+    x = imgs.float() / 255
+    aug = _plain_aug(16, rotate=30.0, rotate_p=1.0)
+    out = aug.apply(imgs, _params(aug, imgs, rotate=[True, True, False], angle=[12.5, -30.0, 20.0]))
+    for i, angle in enumerate([12.5, -30.0]):
+        want = TF.rotate(x[i], angle, interpolation=TF.InterpolationMode.BILINEAR)   # fill 0: black corners
+        torch.testing.assert_close(out[i], want.expand(3, -1, -1), atol=TOL, rtol=0)
+    torch.testing.assert_close(out[2], x[2].expand(3, -1, -1), atol=TOL, rtol=0)
+
+    aug = _plain_aug(16, erase_p=1.0)
+    box = dict(erase=[True, False, True], erase_top=[2, 0, 10], erase_left=[3, 0, 0], erase_height=[4, 16, 6],
+               erase_width=[5, 16, 16])
+    out = aug.apply(imgs, _params(aug, imgs, **box))
+    for i in (0, 2):
+        want = TF.erase(x[i], box["erase_top"][i], box["erase_left"][i], box["erase_height"][i],
+                        box["erase_width"][i], torch.zeros(1))
+        torch.testing.assert_close(out[i], want.expand(3, -1, -1), atol=TOL, rtol=0)
+    torch.testing.assert_close(out[1], x[1].expand(3, -1, -1), atol=TOL, rtol=0)
+
+
+def test_erase_boxes_follow_their_ranges_and_new_ops_leave_the_old_draws_alone():
+    aug = BatchAugment(20, erase_p=0.5, rotate=10.0, rotate_p=0.3)
+    p = aug.sample_params(4000, 20, 20, generator=torch.Generator().manual_seed(0))
+    area = (p["erase_height"] * p["erase_width"]).float() / 400
+    assert area.min() >= 0.01 and area.max() <= 0.25   # 2-20% of the area, up to rounding and clipping
+    assert (p["erase_top"] + p["erase_height"] <= 20).all() and (p["erase_left"] + p["erase_width"] <= 20).all()
+    assert 0.45 < p["erase"].float().mean() < 0.55 and 0.25 < p["rotate"].float().mean() < 0.35
+    assert p["angle"].abs().max() <= 10.0
+    # the options draw after everything else: a pipeline without them keeps its random stream
+    plain = BatchAugment(20).sample_params(4000, 20, 20, generator=torch.Generator().manual_seed(0))
+    for k, v in plain.items():
+        assert torch.equal(v, p[k]), k
