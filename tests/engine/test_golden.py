@@ -22,15 +22,15 @@ def test_two_process_runs_give_the_recorded_numbers(tmp_path):
 
 
 def test_a_checkpoint_written_before_the_redesign_resumes_to_the_recorded_run(tmp_path):
-    """The fixture is OLD_RUN stopped after 3 of its 6 steps by the old code; resuming it must give
-    the uninterrupted run's losses and final state."""
+    """The fixture is millionway-sampled stopped after 3 of its 6 steps by the old code; resuming it must
+    give the uninterrupted run's losses and final state (recorded then, under OLD_KEY)."""
     from selfsup.cli import main
 
     run = tmp_path / "old-run"
     shutil.copytree(G.OLD_RUN_DIR, run)
     assert main(["train", "--resume", str(run), "train.max_steps=6"]) == 0
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert G.compare(G.record_of(run, final), WANT[G.OLD_RUN]) == []
+    assert G.compare(G.record_of(run, final), WANT[G.OLD_KEY]) == []
     # the old run directory still evaluates (config.yaml, encoder.safetensors)
     shutil.copytree(G.OLD_RUN_DIR, tmp_path / "old-eval")
     assert main(["eval", "knn", "--run", str(tmp_path / "old-eval")]) == 0
