@@ -2,31 +2,35 @@
 # Every GPU figure the issues ask for, one command each. Run from the repository root on the GPU machine,
 # with the Python that already holds torch (no venv, no torch install):
 #
-#   bash benchmarks/gpu.sh [--out DIR] [--bundle DIR] [--epochs N] [--check] [FIGURE ...]
+#   bash benchmarks/gpu.sh [--out DIR] [--bundle DIR] [--epochs N] [--minutes M] [--check] [FIGURE ...]
 #
-# FIGURE: throughput augment data classifier curve (default: all). Each writes DIR/<figure>.json (the
-# curve: a run directory DIR/curve with metrics.jsonl and report.md). Default DIR: runs/gpu.
+# FIGURE: throughput augment data classifier curve methods (default: all but methods). Each writes
+# DIR/<figure>.json (curve: a run directory DIR/curve with metrics.jsonl and report.md; methods: the folder
+# DIR/methods of `selfsup bench methods`). Default DIR: runs/gpu.
 # --bundle DIR: what `make gpu-bundle` gathered on a networked machine (default bundle/gpu): wheels/ of the
 #   pure-Python packages the machine lacks, installed into DIR/site with pip --no-index, and
 #   fashion-mnist/ (used when $FMNIST is unset and /usr/share/datasets/fashion-mnist is absent).
-# --epochs N: epochs of the kNN curve (default 100, the simclr-fmnist preset; warm-up: a tenth of them).
+# --epochs N: epochs of the kNN curve (default 100; warm-up: a tenth of them).
+# --minutes M: training budget of each GPU preset in `methods` (default 10; 6 presets: M x 6 minutes and more).
 # --check: parse, install, print the plan, run nothing (needs no GPU).
 # PYTHON (default python3) picks the interpreter; SELFSUP_GPU_EXTRA="module=package ..." adds requirements.
 set -euo pipefail
-usage() { sed -n 2,14p "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n 2,16p "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu.sh: error: $*" >&2; exit 2; }
-OUT=runs/gpu BUNDLE=bundle/gpu EPOCHS=100 CHECK=0 FIGURES=()
+OUT=runs/gpu BUNDLE=bundle/gpu EPOCHS=100 MINUTES=10 CHECK=0 FIGURES=()
 while [ $# -gt 0 ]; do
-  case $1 in --out|--bundle|--epochs) [ -n "${2:-}" ] || die "$1 needs a value (see --help)" ;; esac
+  case $1 in --out|--bundle|--epochs|--minutes) [ -n "${2:-}" ] || die "$1 needs a value (see --help)" ;; esac
   case $1 in
   --out) OUT=$2; shift 2 ;;
   --bundle) BUNDLE=$2; shift 2 ;;
   --epochs) EPOCHS=$2; shift 2
     [[ $EPOCHS =~ ^[1-9][0-9]*$ ]] || die "--epochs must be a positive integer, got '$EPOCHS'" ;;
+  --minutes) MINUTES=$2; shift 2
+    [[ $MINUTES =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--minutes must be a positive number, got '$MINUTES'" ;;
   --check) CHECK=1; shift ;;
   -h|--help) usage; exit 0 ;;
-  throughput|augment|data|classifier|curve) FIGURES+=("$1"); shift ;;
-  *) die "unknown argument '$1' (figures: throughput augment data classifier curve; see --help)" ;;
+  throughput|augment|data|classifier|curve|methods) FIGURES+=("$1"); shift ;;
+  *) die "unknown argument '$1' (figures: throughput augment data classifier curve methods; see --help)" ;;
 esac; done
 [ ${#FIGURES[@]} -gt 0 ] || FIGURES=(throughput augment data classifier curve)
 PY=${PYTHON:-python3}
@@ -55,12 +59,12 @@ if [ -z "${FMNIST:-}" ]; then
   [ -f "$FMNIST/train-images-idx3-ubyte.gz" ] || FMNIST=$BUNDLE/fashion-mnist
 fi
 needs_fmnist=0
-for f in "${FIGURES[@]}"; do [[ $f == throughput || $f == curve ]] && needs_fmnist=1; done
+for f in "${FIGURES[@]}"; do [[ $f == throughput || $f == curve || $f == methods ]] && needs_fmnist=1; done
 if [ $needs_fmnist = 1 ] && [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
   die "no Fashion-MNIST in $FMNIST: set FMNIST=DIR (the four .gz files) or run 'make gpu-bundle' and carry $BUNDLE"
 fi
 echo "python: $($PY -c 'import sys, torch; print(sys.executable, "torch", torch.__version__)')"
-echo "figures: ${FIGURES[*]} -> $OUT; Fashion-MNIST: $FMNIST; curve epochs: $EPOCHS"
+echo "figures: ${FIGURES[*]} -> $OUT; Fashion-MNIST: $FMNIST; curve epochs: $EPOCHS; methods: $MINUTES min each"
 [ $CHECK = 1 ] && { echo "check: ready"; exit 0; }
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print('gpu:', torch.cuda.get_device_name(0))"
 mkdir -p "$OUT"
@@ -85,4 +89,8 @@ for f in "${FIGURES[@]}"; do echo "== $f ($(date +%T))"; case $f in
     $PY -m selfsup train simclr-fmnist data.root="$FMNIST" eval.every=1 train.epochs="$EPOCHS" \
       train.warmup_epochs=$(( EPOCHS >= 10 ? EPOCHS / 10 : 1 )) run_dir="$OUT/curve"
     $PY -m selfsup report --run "$OUT/curve" ;;
+  # the GPU presets (derived from the CPU study, unmeasured until this runs): time to accuracy, M minutes each
+  methods) rm -rf "$OUT/methods"
+    $PY -m selfsup bench methods --minutes "$MINUTES" --out "$OUT/methods" data.root="$FMNIST" \
+      --presets simclr-fmnist,mocov2-fmnist,instdisc-fmnist,pic-fmnist,millionway-fmnist,mocov3-vit-fmnist ;;
 esac; done

@@ -93,3 +93,28 @@ def test_the_batch_is_checked_against_the_number_of_processes(monkeypatch):
 
     with pytest.raises(ConfigError, match="divisible"):
         validate(load_config("simclr-fmnist-cpu"), world=5)
+
+
+def test_every_fmnist_preset_validates_and_builds(tmp_path):
+    """The recipe presets of issue 22 (a CPU and a GPU one per method) load, validate, and build their
+    method (no data needed); the GPU ones carry the augmentation the CPU study chose."""
+    import torch
+
+    from selfsup.config import validate
+    from selfsup.methods import build_method
+
+    cpu = [n for n in list_presets() if n.endswith("-fmnist-cpu")]
+    gpu = [n for n in list_presets() if n.endswith("-fmnist")]
+    assert len(cpu) == 8 and set(gpu) == {"simclr-fmnist", "mocov2-fmnist", "instdisc-fmnist", "pic-fmnist",
+                                          "millionway-fmnist", "mocov3-vit-fmnist"}
+    studied = load_config("simclr-fmnist-cpu").aug
+    for name in cpu + gpu:
+        cfg = load_config(name)
+        validate(cfg, world=1)
+        # bf16 where the CPU has AMX, else fp32; the GPU presets: auto (bf16 on cuda)
+        assert cfg.train.precision == ("fast" if name in cpu else "auto"), name
+        if name != "mocov1-fmnist-cpu":   # MoCo v1 keeps its paper's augmentation
+            assert cfg.aug == studied, name
+        torch.manual_seed(0)
+        model = build_method(cfg)
+        assert sum(p.numel() for p in model.parameters()) > 0
