@@ -151,6 +151,7 @@ class TrainConfig:
     schedule: str = "cosine"            # cosine | constant
     checkpoint_every: Optional[int] = None  # steps; None: each epoch's end
     log_every: int = 50                 # steps
+    progress_s: float = 30.0            # seconds between plain progress lines when stdout is not a terminal
     precision: str = "auto"             # auto (bf16 on cuda) | fast (bf16 on cuda and on CPUs with AMX) | bf16 | fp32
     channels_last: bool = True          # NHWC activations (faster with cuDNN and with oneDNN on CPU)
     compile: bool = False
@@ -415,6 +416,7 @@ RANGES = {
     "train.warmup_epochs": (lambda v: v >= 0, ">= 0"),
     "train.checkpoint_every": (lambda v: v >= 1, ">= 1 (steps)"),
     "train.log_every": (lambda v: v >= 1, ">= 1 (steps)"),
+    "train.progress_s": (lambda v: v > 0, "> 0 (seconds between progress lines in a log)"),
     "train.threads": (lambda v: v >= 1, ">= 1"),
     "train.nonfinite_lr_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.nonfinite_max": (lambda v: v >= 0, ">= 0"),

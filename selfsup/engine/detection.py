@@ -27,6 +27,7 @@ from ..data.detection import detection_sets
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..eval.detection import build_detector, detection_scores, set_test_size
 from ..parallel import distributed as D
+from ..progress import Progress
 from .checkpoint import load_checkpoint, save_checkpoint
 from .logging import MetricLogger
 from .setup import setup_env
@@ -173,6 +174,7 @@ def run_detection(cfg, encoder: torch.nn.Module, out_dir: str | Path, init: str,
                                              sched_cfg["iters"]),
         num_workers=e.det_num_workers, collate_fn=_collate)
     iters_here, t0 = 0, time.perf_counter()
+    bar = Progress(sched_cfg["iters"], f"detection ({init})", initial=it, enabled=env.main, unit="iteration")
     net.train()
     set_test_size(model, False)
     with StopSignals() as stop:
@@ -202,15 +204,19 @@ def run_detection(cfg, encoder: torch.nn.Module, out_dir: str | Path, init: str,
                 logger.log({"event": "det_train", "init": init, "step": it, "loss": loss.item(),
                             **{k: v.item() for k, v in losses.items()}, "lr": opt.param_groups[0]["lr"],
                             "s_per_iter": elapsed / max(it, 1)})
+                bar.set(loss=loss.item(), lr=opt.param_groups[0]["lr"])
+            bar.update()
             if it % e.det_checkpoint_every == 0:
                 checkpoint()
             if on_iteration is not None:
                 on_iteration(it)
             if (env.world == 1 or it % e.det_log_every == 0) and (signum := stop.agreed(env.device)):
+                bar.close()
                 checkpoint()
                 logger.close()
                 raise stopped(signum, f"detection iteration {it}", ckpt_path,
                               "run the same `selfsup eval detection` command again to resume", env.main)
+    bar.close()
     checkpoint()
     s_per_iter = (time.perf_counter() - t0) / iters_here if iters_here else None
     scores = test_detector(model, test_ds, e.det_batch_size // env.world, env)

@@ -21,7 +21,6 @@ import warnings
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from ..config import validate
 from ..data.splits import load_eval_data, pixels
@@ -29,6 +28,7 @@ from ..errors import CollectiveTimeoutError, NonFiniteLossError, SelfsupError
 from ..eval.features import extract_features
 from ..eval.monitor import monitor_eval
 from ..parallel import distributed as D
+from ..progress import Progress
 from .checkpoint import RunState, capture, load_checkpoint, restore, save_checkpoint
 from .data import TrainData
 from .export import export_encoder, read_export
@@ -147,8 +147,7 @@ class Trainer:
         s, total = self.state, self.data.total_steps
         self.t_start = time.perf_counter()
         self.t_log, self.step_log = self.t_start, s.step
-        self.bar = tqdm(total=total, initial=s.step, disable=None if self.env.main else True, desc="train",
-                        dynamic_ncols=True)
+        self.bar = Progress(total, "train", initial=s.step, every_s=self.cfg.train.progress_s, enabled=self.env.main)
         self.step.net.train()
         with StopSignals() as stop:   # SIGTERM / SIGINT: checkpoint and stop after the step (signals.py)
             while s.step < total:
@@ -182,9 +181,9 @@ class Trainer:
             return
         self.step.update()
         s.step += 1
-        self.bar.update(1)
         if s.step % t.log_every == 0 or s.step == self.data.total_steps:
             self._log_train(out)
+        self.bar.update(1)   # after the log: a progress line shows this step's loss when it was logged
         if t.checkpoint_every and s.step % t.checkpoint_every == 0:
             self.checkpoint()
         if s.step % self.data.steps_per_epoch == 0:   # an epoch's end
@@ -268,8 +267,7 @@ class Trainer:
             s.step += 1
             self.bar.update(1)
         else:
-            self.bar.reset(total=self.data.total_steps)
-            self.bar.update(s.step)
+            self.bar.reset(self.data.total_steps, s.step)
 
     # ------------------------------------------------------------------ logging, monitor, checkpoints
     def _log_train(self, out: dict) -> None:
@@ -286,7 +284,8 @@ class Trainer:
         if self.skipped_images:
             self.last["skipped_images"] = self.skipped_images
         self.logger.log(self.last)
-        self.bar.set_postfix(loss=f"{self.last['loss']:.4f}")
+        self.bar.set(**{"epoch": self.last["epoch"], "loss": self.last["loss"], "lr": self.last["lr"],
+                        "views/s": round(views_s)})
 
     def _log_skipped(self, skipped: list) -> None:
         self.skipped_images += len(skipped)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..data.augment import crop_flip_augment, eval_transform
 from ..data.images import require_labels
 from ..errors import ConfigError
+from ..progress import Progress
 from .features import extract_features
 from .linear import new_classifier, sgd_with_schedule, topk_accuracy
 
@@ -148,6 +149,7 @@ def finetune(net: nn.Module, train_ds, idx: Tensor, *, epochs: int, lr: float, b
     opt, sched = sgd_with_schedule(params, lr, 0.0, 0.9, "cosine", epochs * steps_per_epoch, nesterov=True)
     g = torch.Generator().manual_seed(seed + 1)
     net.to(device).train()
+    bar = Progress(epochs * steps_per_epoch, f"finetune ({n} labels)")
     for _ in range(epochs):
         perm = idx[torch.randperm(n, generator=g)]
         for s in range(steps_per_epoch):
@@ -161,6 +163,10 @@ def finetune(net: nn.Module, train_ds, idx: Tensor, *, epochs: int, lr: float, b
             loss.backward()
             opt.step()
             sched.step()
+            if bar.due():
+                bar.set(loss=loss.item())
+            bar.update()
+    bar.close()
     return net
 
 

@@ -24,6 +24,7 @@ from ..data.augment import crop_flip_augment
 from ..data.images import require_labels
 from ..errors import ConfigError
 from ..optim import warmup_cosine
+from ..progress import Progress
 from .features import extract_features
 
 MODES = ("features", "augment")
@@ -134,6 +135,7 @@ def linear_probe_augment(encoder: nn.Module, train_ds, test_ds, *, epochs: int =
 
     head = None
     steps = epochs * -(-n // batch_size)
+    bar = Progress(steps, "linear (augment)")
     for _ in range(epochs):
         for idx in torch.randperm(n, generator=g).split(batch_size):
             f = encode(aug(images[idx.to(images.device)].to(device, non_blocking=True), g))
@@ -147,6 +149,10 @@ def linear_probe_augment(encoder: nn.Module, train_ds, test_ds, *, epochs: int =
             loss.backward()
             opt.step()
             sched.step()
+            if bar.due():
+                bar.set(loss=loss.item())
+            bar.update()
+    bar.close()
     encoder.train(was_training)
     with torch.no_grad():
         res = {}
