@@ -76,13 +76,19 @@ def settings(args: dict | None, defaults: dict, quick_settings: dict) -> tuple[d
 
 
 def write_json(res: dict, out: str | None) -> dict:
-    """Write `res` to `out` (when given; folders made) and return it."""
+    """Write `res` to `out` (when given; folders made; a temporary file renamed over it) and return it."""
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(res, f, indent=2)
-            f.write("\n")
+        write_text(out, json.dumps(res, indent=2) + "\n")
     return res
+
+
+def write_text(path, text: str) -> None:
+    """`text` into `path` through a temporary file and a rename: a reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def text_table(rows: list[dict], columns: list[tuple]) -> str:

@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..eval.baselines import pixel_baseline, random_init_baseline
 from ..eval.linear import linear_eval
 from ..eval.monitor import knn_eval, knn_protocol
-from .common import Bench, RssPeak, device_name, progress, text_table
+from .common import Bench, RssPeak, device_name, progress, text_table, write_text
 
 __all__ = ["BENCH", "run", "main", "DEFAULTS", "QUICK", "default_presets", "plot_methods"]
 
@@ -256,7 +256,7 @@ def _measure(s: dict, notes: list) -> dict:
     if cut:
         notes.append(f"stopped at the budget before the end of their schedule: {', '.join(cut)}")
     plot_methods(rows, out / "methods.png", f"time to accuracy, {machine}, budget {budget}")
-    (out / "methods.md").write_text(markdown_table(rows, machine))
+    write_text(out / "methods.md", markdown_table(rows, machine))
     return {"config": {**s, "presets": presets, "overrides": list(s["overrides"]), "out": str(out),
                        "machine": machine, "torch": torch.__version__}, "rows": rows}
 
