@@ -112,6 +112,9 @@ def load_run_encoder(run: str | None, checkpoint: str | None, config: str | None
             raise CheckpointError(f"--head needs a selfsup checkpoint with the projection head; '{checkpoint}' "
                                   "holds an encoder state dict only")
         else:   # an export (torchvision or timm names); its classifier (fc.*) is not part of the encoder
+            from .engine.export import check_export_fits
+
+            check_export_fits(checkpoint, cfg)   # a ViT's heads do not show in its weights: its config.json
             load_encoder_state(model.encoder, ck, checkpoint, cfg.model.backbone)
     else:
         load_state_checked(model.encoder, _read_checkpoint(str(enc_file)), "encoder")
@@ -156,18 +159,20 @@ def _split_features(encoder, cfg, images, device, normalize: bool = True):
 
 def _cmd_eval_knn(args) -> dict:
     from .data.images import require_labels
-    from .data.splits import load_eval_data, pixels, streams
+    from .config import uses_stream
+    from .data.splits import load_eval_data, pixels
     from .engine.setup import resolve_device
     from .eval.knn import knn_sweep
     from .eval.monitor import knn_protocol
 
     ks = _number_list(args.k, int, "--k") if args.k else None
     ts = _number_list(args.t, float, "--t") if args.t else None
+    out = _eval_out(args)
     cfg, encoder = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides)
     ks, ts = ks or [cfg.eval.knn_k], ts or [cfg.eval.knn_temperature]
     device = resolve_device(cfg.device)
     encoder = encoder.to(device)
-    train_ds, test_ds = load_eval_data(cfg, stream=streams(cfg))
+    train_ds, test_ds = load_eval_data(cfg, stream=uses_stream(cfg.data))
     require_labels(train_ds, cfg.eval.train_split, "kNN")
     require_labels(test_ds, cfg.eval.test_split, "kNN")
     ftr = _split_features(encoder, cfg, pixels(train_ds), device)
@@ -186,7 +191,7 @@ def _cmd_eval_knn(args) -> dict:
 
         res.update(baselines(cfg, train_ds, test_ds, device, autocast_dtype(cfg, device)))
         print(gains_line(res))
-    return _save_eval(cfg, "knn", res)
+    return _save_eval(out, "knn", res, args.checkpoint)
 
 
 def _eval_inputs(args, finetune: bool = False, features_only=False):
@@ -195,7 +200,8 @@ def _eval_inputs(args, finetune: bool = False, features_only=False):
     checkpoint), else None. The datasets go to the GPU when data.on_device. A protocol that only
     needs clean features (`features_only`: a bool, or a function of the config) streams a run's
     streamed data (data.stream) from its files; the others decode the splits into memory."""
-    from .data.splits import load_eval_data, streams
+    from .config import uses_stream
+    from .data.splits import load_eval_data
     from .engine.setup import autocast_dtype, data_on_device, resolve_device
 
     cfg, encoder = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides)
@@ -204,7 +210,7 @@ def _eval_inputs(args, finetune: bool = False, features_only=False):
         cfg, net = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides, head=True)
         encoder, head = net[0], net[1]
     device = resolve_device(cfg.device)
-    if (features_only(cfg) if callable(features_only) else features_only) and streams(cfg):
+    if (features_only(cfg) if callable(features_only) else features_only) and uses_stream(cfg.data):
         train_ds, test_ds = load_eval_data(cfg, stream=True)
     else:
         train_ds, test_ds = load_eval_data(cfg)
@@ -214,40 +220,66 @@ def _eval_inputs(args, finetune: bool = False, features_only=False):
     return cfg, encoder.to(device), head, train_ds, test_ds, device, autocast_dtype(cfg, device)
 
 
-def _save_eval(cfg, name: str, res: dict) -> dict:
-    """Write `res` to RUN_DIR/eval/<name>.json (when there is a run directory); return it."""
-    if cfg.run_dir:
-        out = Path(cfg.run_dir) / "eval"
+def _eval_out(args) -> Path | None:
+    """The folder of `eval knn|linear|logreg|finetune`'s json: --out, else RUN_DIR/eval; None (no file)
+    for a --checkpoint alone. A --checkpoint outside --run is another encoder: its numbers never go under
+    the run's name (its eval/, then its model card and report), so it needs --out."""
+    from .errors import ConfigError
+
+    if args.out:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out} is a file; --out takes a folder (new or existing) to write into")
+        return Path(args.out)
+    if not args.run:
+        return None
+    if args.checkpoint and not Path(args.checkpoint).resolve().is_relative_to(Path(args.run).resolve()):
+        raise ConfigError(f"--checkpoint {args.checkpoint} is not a file of run {args.run}: its results would be "
+                          f"filed as that run's ({Path(args.run) / 'eval'}). Give --out DIR for them, or leave out "
+                          "--checkpoint to evaluate the run's own encoder")
+    return Path(args.run) / "eval"
+
+
+def _save_eval(out: Path | None, name: str, res: dict, checkpoint: str | None = None) -> dict:
+    """Write `res` to OUT/<name>.json (`_eval_out`; None: no file); return it. The protocol names the
+    encoder when it came from --checkpoint."""
+    if checkpoint:
+        res["protocol"] = f"{res['protocol']}; encoder: {Path(checkpoint).resolve()}"
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+        from .atomic import write_json
+
+        write_json(out / f"{name}.json", res)   # a temporary file, then a rename: never half a json
     return res
 
 
 def _cmd_eval_linear(args) -> dict:
     from .eval.linear import linear_eval
 
+    out = _eval_out(args)
     cfg, encoder, _, train_ds, test_ds, device, amp = _eval_inputs(
         args, features_only=lambda cfg: cfg.eval.linear_mode == "features")
-    return _save_eval(cfg, "linear", linear_eval(encoder, cfg, train_ds, test_ds, device, amp))
+    return _save_eval(out, "linear", linear_eval(encoder, cfg, train_ds, test_ds, device, amp), args.checkpoint)
 
 
 def _cmd_eval_logreg(args) -> dict:
     from .eval.logreg import logreg_eval
 
+    out = _eval_out(args)
     cfg, encoder, _, train_ds, test_ds, device, amp = _eval_inputs(args, features_only=True)
-    return _save_eval(cfg, "logreg", logreg_eval(encoder, cfg, train_ds, test_ds, device, amp))
+    return _save_eval(out, "logreg", logreg_eval(encoder, cfg, train_ds, test_ds, device, amp), args.checkpoint)
 
 
 def _cmd_eval_finetune(args) -> dict:
     from .eval.finetune import finetune_eval
 
+    out = _eval_out(args)   # the subsets' indices go beside the result
     cfg, encoder, head, train_ds, test_ds, device, amp = _eval_inputs(args, finetune=True)
-    out = Path(cfg.run_dir) / "eval" if cfg.run_dir else None   # the subsets' indices go beside the result
-    return _save_eval(cfg, "finetune", finetune_eval(encoder, cfg, train_ds, test_ds, device, amp, head, out))
+    return _save_eval(out, "finetune", finetune_eval(encoder, cfg, train_ds, test_ds, device, amp, head, out),
+                      args.checkpoint)
 
 
 def _preset_det_overrides(preset: str | None) -> list[str]:
-    """The eval.det_* keys (and train.threads, when set) of a preset (e.g. det-shapes-cpu) as key=value
+    """The det.* keys (and train.threads, when set) of a preset (e.g. det-shapes-cpu) as key=value
     overrides; its other keys are ignored (the model and the rest are the run's)."""
     import json as _json
 
@@ -259,56 +291,75 @@ def _preset_det_overrides(preset: str | None) -> list[str]:
         return []
     cfg = load_config(preset)
     threads = [f"train.threads={cfg.train.threads}"] if cfg.train.threads else []
-    return [f"eval.{k}={_json.dumps(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)}"
-            for k, v in cfg.eval.items() if str(k).startswith("det_")] + threads
+    return [f"det.{k}={_json.dumps(OmegaConf.to_container(v) if OmegaConf.is_config(v) else v)}"
+            for k, v in cfg.det.items()] + threads
 
 
 def _cmd_eval_detection(args) -> dict:
     import torch
 
-    from .config import load_config
+    from .config import load_config, migrate_override
     from .errors import ConfigError
 
-    flags = [f"eval.{k}={v}" for k, v in (("det_data", args.data), ("det_root", args.root), ("det_ann", args.ann),
-                                          ("det_test_ann", args.test_ann)) if v]
-    overrides = _preset_det_overrides(args.preset) + flags + args.overrides
-    load_config(None, [o for o in overrides if o.startswith(("eval.det_", "train.threads"))])   # fail before any file
+    flags = [f"det.{k}={v}" for k, v in (("data", args.data), ("root", args.root), ("ann", args.ann),
+                                         ("test_ann", args.test_ann)) if v]
+    overrides = _preset_det_overrides(args.preset) + flags + [migrate_override(o) for o in args.overrides]
+    load_config(None, [o for o in overrides if o.startswith(("det.", "train.threads"))])   # fail before any file
     if not args.run and not args.out:
         raise ConfigError("give --out DIR with --checkpoint: there is no run directory to write into")
+    out = _eval_out(args)   # another run's --checkpoint is never filed under --run
     cfg, encoder = load_run_encoder(args.run, args.checkpoint, args.config, overrides)
-    out = Path(args.out) if args.out else Path(cfg.run_dir) / "eval"
-    from .engine.detection import run_detection
+    import contextlib
+
+    from .engine.detection import folder_lock, run_detection
     from .methods import build_method
     from .parallel import distributed as D
 
     source = f"run {args.run}" if args.run else f"checkpoint {args.checkpoint}"
     inits = ("ssl", "random") if args.init == "both" else (args.init,)
-    results, owns_group = {}, not D.is_dist()
-    try:
-        for init in inits:
-            if init == "random":
-                torch.manual_seed(cfg.eval.seed)
-                enc, text = build_method(cfg).encoder, f"a random {cfg.model.backbone} (seed {cfg.eval.seed})"
-            else:
-                enc, text = encoder, f"the encoder of {source}"
-            res = run_detection(cfg, enc, out / "detection" / init, init, text)
-            if res is not None:
-                results[init] = res
-    finally:
-        if owns_group:
-            D.cleanup_distributed()
-    if os.environ.get("RANK", "0") != "0":
-        return None
-    return _save_detection(out / "detection.json", results)
+    results, owns_group, main_rank = {}, not D.is_dist(), os.environ.get("RANK", "0") == "0"
+    with folder_lock(out) if main_rank else contextlib.nullcontext():   # one eval detection per folder
+        _read_detection(out / "detection.json")   # a damaged one is refused before any training
+        try:
+            for init in inits:
+                if init == "random":
+                    torch.manual_seed(cfg.eval.seed)
+                    enc, text = build_method(cfg).encoder, f"a random {cfg.model.backbone} (seed {cfg.eval.seed})"
+                else:
+                    enc, text = encoder, f"the encoder of {source}"
+                res = run_detection(cfg, enc, out / "detection" / init, init, text, restart=args.restart)
+                if res is not None:
+                    results[init] = res
+        finally:
+            if owns_group:
+                D.cleanup_distributed()
+        return _save_detection(out / "detection.json", results) if main_rank else None
 
 
 DET_METRICS = ("ap50", "ap", "ap75", "voc07_ap50", "voc07_ap75", "voc07_ap")
 
 
+def _read_detection(path: Path) -> dict:
+    """The detection json at `path`, {} when there is none; anything but a JSON object with a list
+    "runs" (as `_save_detection` writes it) is refused, naming the file."""
+    from .errors import ConfigError
+
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        old = None
+    if not isinstance(old, dict) or not isinstance(old.get("runs", []), list):
+        raise ConfigError(f"{path} is not a detection results file (a JSON object with a list \"runs\", as "
+                          "`selfsup eval detection` writes it): move or remove it, or give another --out")
+    return old
+
+
 def _save_detection(path: Path, results: dict) -> dict:
     """Merge `results` ({init: scores}) into the detection json at `path` (one file for SSL and random
     init, flat det_<init>_<metric> numbers with protocol_<init>, as `selfsup report` reads them)."""
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = _read_detection(path)
     runs = {r["init"]: r for r in old.get("runs", []) if isinstance(r, dict) and "init" in r}
     runs.update({k: {kk: vv for kk, vv in v.items() if kk != "protocol"} for k, v in results.items()})
     protocols = {k[len("protocol_"):]: v for k, v in old.items() if k.startswith("protocol_")}
@@ -317,25 +368,26 @@ def _save_detection(path: Path, results: dict) -> dict:
     for init in ("ssl", "random"):
         if init in runs:
             res.update({f"det_{init}_{m}": runs[init][m] for m in DET_METRICS if m in runs[init]})
-            res[f"det_{init}_s_per_iter"] = runs[init]["s_per_iter"]
+            res[f"det_{init}_s_per_iter"] = runs[init].get("s_per_iter")
     res["protocol"] = "transfer to detection (eval/detection/<init>/: checkpoints, metrics.jsonl)"
     res.update({f"protocol_{k}": v for k, v in protocols.items()})
     res["runs"] = [runs[k] for k in ("ssl", "random") if k in runs]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=2) + "\n")
+    from .atomic import write_json
+
+    write_json(path, res)
     return res
 
 
-def _out_dir(cfg, out: str | None, name: str) -> Path:
+def _out_dir(args, name: str) -> Path:
+    """Where embed and visualize write: --out, else RUN_DIR/eval/<name>; as `_eval_out`, another run's
+    --checkpoint needs --out."""
     from .errors import ConfigError
 
-    if out:
-        if Path(out).exists() and not Path(out).is_dir():
-            raise ConfigError(f"--out {out} is a file; --out takes a folder (new or existing) to write into")
-        return Path(out)
-    if not cfg.run_dir:
+    base = _eval_out(args)
+    if base is None:
         raise ConfigError("give --out DIR: with --checkpoint there is no run directory to write into")
-    return Path(cfg.run_dir) / "eval" / name
+    return base if args.out else base / name
 
 
 def _cmd_embed(args) -> dict:
@@ -344,8 +396,9 @@ def _cmd_embed(args) -> dict:
     from .eval.embed import export_embeddings
 
     cfg, net = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides, head=args.head)
+    args.split = args.split or _default_split(cfg)
     space = "head" if args.head else "backbone"
-    out = _out_dir(cfg, args.out, f"embed-{args.split}" + ("-head" if args.head else ""))
+    out = _out_dir(args, f"embed-{args.split}" + ("-head" if args.head else ""))
     device = resolve_device(cfg.device)
     ds = load_split(cfg, args.split)
     feats = _split_features(net.to(device), cfg, ds.images, device, normalize=False).cpu()
@@ -355,54 +408,40 @@ def _cmd_embed(args) -> dict:
 
 
 def _cmd_visualize(args) -> dict:
-    import torch
-
     from .data.images import require_labels
     from .data.splits import load_split
-    from .engine.setup import resolve_device
+    from .engine.setup import autocast_dtype, resolve_device
     from .errors import ConfigError
-    from .eval.embed import subset_indices
-    from .eval.visualize import nearest_neighbours, pick_queries, plot_map, plot_neighbours, reduce_2d
+    from .eval.visualize import visualize_run
 
     if args.queries < 1 or args.neighbours < 1:
         raise ConfigError("--queries and --neighbours must be at least 1")
     cfg, encoder = load_run_encoder(args.run, args.checkpoint, args.config, args.overrides)
-    out = _out_dir(cfg, args.out, "")
+    split = args.split or _default_split(cfg)
     device = resolve_device(cfg.device)
-    encoder = encoder.to(device)
-    ds = load_split(cfg, args.split)
-    require_labels(ds, args.split, "visualize")
-    bank_ds = ds if args.split == cfg.eval.train_split else load_split(cfg, cfg.eval.train_split)
-    require_labels(bank_ds, cfg.eval.train_split, "the nearest-neighbour grid")
-    out.mkdir(parents=True, exist_ok=True)
+    ds = load_split(cfg, split)
+    bank_ds = ds if split == cfg.eval.train_split else load_split(cfg, cfg.eval.train_split)
+    if cfg.data.labels != "none" and (ds.labels >= 0).any():   # labelled data: the classes must make sense
+        require_labels(ds, split, "visualize")
+        require_labels(bank_ds, cfg.eval.train_split, "the nearest-neighbour grid")
+    return visualize_run(encoder.to(device), cfg, ds, bank_ds, args.method, args.max_points or None, args.queries,
+                         args.neighbours, _out_dir(args, ""), device, autocast_dtype(cfg, device), split)
 
-    sub = subset_indices(len(ds), args.max_points or None)
-    feats = _split_features(encoder, cfg, ds.images[sub.to(ds.images.device)], device).cpu()
-    xy = reduce_2d(feats.numpy(), args.method)
-    name = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}[args.method]
-    title = f"{name} of {args.split} features ({len(sub)} points, {cfg.method}, {cfg.data.name})"
-    map_path = plot_map(xy, ds.labels[sub].cpu().numpy(), ds.classes,
-                        out / f"map-{args.method}-{args.split}.png", title)
 
-    queries = pick_queries(ds.labels, args.queries)
-    fq = _split_features(encoder, cfg, ds.images[queries.to(ds.images.device)], device)
-    bank = _split_features(encoder, cfg, bank_ds.images, device)
-    same = bank_ds is ds
-    nb = nearest_neighbours(fq, bank, args.neighbours + same).cpu()
-    if same:   # a query from the training split is its own nearest neighbour: leave it out
-        nb = torch.stack([row[row != i][:args.neighbours] for row, i in zip(nb, queries)])
-    qy, ny = ds.labels.cpu()[queries], bank_ds.labels.cpu()[nb]
-    nb_path = plot_neighbours(ds.images.cpu()[queries], qy, bank_ds.images.cpu()[nb], ny, ds.classes,
-                              out / f"neighbours-{args.split}.png",
-                              f"{args.split} queries and their nearest {cfg.eval.train_split} images (cosine, "
-                              "green: same class, red: other)")
-    return {"map": str(map_path), "neighbours": str(nb_path), "method": args.method, "split": args.split,
-            "points": len(sub), "neighbour_precision": (ny == qy[:, None]).float().mean().item()}
+def _default_split(cfg) -> str:
+    """The split embed and visualize read when --split is not given: test, or the training split for
+    unlabelled images (data.labels=none, or a flat folder with no test/ or val/ folder)."""
+    if cfg.data.labels == "none":
+        return cfg.data.train_split
+    if cfg.data.name == "imagefolder" and cfg.data.root and not cfg.data.file_list and not any(
+            (Path(cfg.data.root).expanduser() / n).is_dir() for n in ("test", "val")):
+        return cfg.data.train_split
+    return "test"
 
 
 def _cmd_export(args) -> dict:
     from .config import load_config
-    from .engine.export import FORMATS, check_format, export_run
+    from .engine.export import FORMATS, check_format, check_out_folder, export_run
     from .errors import ConfigError
 
     cfg_path = Path(args.run) / "config.yaml"
@@ -411,6 +450,7 @@ def _cmd_export(args) -> dict:
     if args.format not in FORMATS:
         raise ConfigError(f"unknown export format '{args.format}'. Valid: {', '.join(FORMATS)}")
     check_format(load_config(str(cfg_path), []), args.format)   # before the weights are read
+    check_out_folder(Path(args.out), args.format, Path(args.run))
     cfg, encoder = load_run_encoder(args.run, None, None, [])
     return export_run(cfg, encoder, args.format, Path(args.out), Path(args.run))
 
@@ -453,6 +493,10 @@ def _cmd_bench(args) -> dict:
     return {"rows": res["rows"], "notes": res["notes"], "out": out}
 
 
+OUT_HELP = ("folder for {}.json (default: RUN_DIR/eval; none with --checkpoint alone); needed for a --checkpoint "
+            "that is not a file of --run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfsup", description="Self-supervised representation learning.")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (also SELFSUP_DEBUG=1)")
@@ -477,34 +521,38 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--t", metavar="T1,T2,...", help="also report a sweep over these temperatures")
     k.add_argument("--baselines", action="store_true", help="also score raw pixels (centred) and the same encoder "
                    "at random init (the run's seed) with the same protocol (baseline_*_top1 in knn.json)")
+    k.add_argument("--out", metavar="DIR", help=OUT_HELP.format("knn"))
     k.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. eval.knn_k=20")
     k.set_defaults(fn=_cmd_eval_knn)
     for name, fn, text in (
             ("linear", _cmd_eval_linear, "linear classifier on the frozen encoder (eval.linear_*)"),
             ("logreg", _cmd_eval_logreg, "L2 logistic regression by L-BFGS on clean features (eval.logreg_*)"),
-            ("finetune", _cmd_eval_finetune, "fine-tune the whole network on 1%/10% labels (eval.finetune_*)")):
+            ("finetune", _cmd_eval_finetune, "fine-tune the whole network on 1%%/10%% labels (eval.finetune_*)")):
         ev = esub.add_parser(name, help=text)
         ev.add_argument("--run", metavar="RUN_DIR")
         ev.add_argument("--checkpoint", metavar="FILE")
         ev.add_argument("--config", metavar="YAML")
+        ev.add_argument("--out", metavar="DIR", help=OUT_HELP.format(name))
         ev.add_argument("overrides", nargs="*", help=f"config overrides as key=value, e.g. eval.{name}_"
                         f"{'max_iter=500' if name == 'logreg' else 'epochs=10'}")
         ev.set_defaults(fn=fn)
     d = esub.add_parser("detection", help="transfer to detection: Faster R-CNN (ResNet-FPN) from the encoder, "
-                        "VOC or COCO-format data (eval.det_*)")
+                        "VOC or COCO-format data (det.*)")
     d.add_argument("--run", metavar="RUN_DIR")
     d.add_argument("--checkpoint", metavar="FILE")
     d.add_argument("--config", metavar="YAML")
-    d.add_argument("--preset", metavar="NAME", help="take the eval.det_* keys of a preset: det-voc-r50, det-shapes-cpu")
-    d.add_argument("--data", choices=("voc", "coco"), help="eval.det_data")
-    d.add_argument("--root", metavar="DIR", help="eval.det_root: the folder holding VOCdevkit/ (voc), the images (coco)")
-    d.add_argument("--ann", metavar="FILE", help="eval.det_ann: COCO-format training json")
-    d.add_argument("--test-ann", metavar="FILE", help="eval.det_test_ann: COCO-format test json")
+    d.add_argument("--preset", metavar="NAME", help="take the det.* keys of a preset: det-voc-r50, det-shapes-cpu")
+    d.add_argument("--data", choices=("voc", "coco"), help="det.data")
+    d.add_argument("--root", metavar="DIR", help="det.root: the folder holding VOCdevkit/ (voc), the images (coco)")
+    d.add_argument("--ann", metavar="FILE", help="det.ann: COCO-format training json")
+    d.add_argument("--test-ann", metavar="FILE", help="det.test_ann: COCO-format test json")
     d.add_argument("--init", choices=("ssl", "random", "both"), default="ssl",
                    help="backbone start: the run's encoder (ssl), a random one (baseline), or both in turn")
     d.add_argument("--out", metavar="DIR", help="where eval/detection.json and detection/<init>/ go (default: "
                    "RUN_DIR/eval)")
-    d.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. eval.det_batch_size=8")
+    d.add_argument("--restart", action="store_true", help="discard the detectors already in --out (trained "
+                   "from another encoder or with other settings) and train from the start")
+    d.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. det.batch_size=8")
     d.set_defaults(fn=_cmd_eval_detection)
     em = sub.add_parser("embed", help="export clean features of a split and TensorBoard projector files")
     vi = sub.add_parser("visualize", help="2-D map of the features and a nearest-neighbour grid (PNG)")
@@ -512,7 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--run", metavar="RUN_DIR")
         a.add_argument("--checkpoint", metavar="FILE")
         a.add_argument("--config", metavar="YAML")
-        a.add_argument("--split", default="test", help="split whose images are used (default: test)")
+        a.add_argument("--split", default=None, help="split whose images are used (default: test; the training "
+                       "split for unlabelled images, data.labels=none or a folder without test/)")
         a.add_argument("overrides", nargs="*", help="config overrides as key=value")
     em.add_argument("--format", choices=("npy", "safetensors"), default="npy")
     em.add_argument("--out", metavar="DIR", help="output folder (default: RUN_DIR/eval/embed-SPLIT)")
@@ -535,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchvision-detection")
     ex.add_argument("--run", metavar="RUN_DIR", required=True)
     ex.add_argument("--format", required=True, metavar="F", help="torchvision | timm | hf | torchvision-detection")
-    ex.add_argument("--out", metavar="DIR", required=True, help="output folder (new or existing)")
+    ex.add_argument("--out", metavar="DIR", required=True, help="output folder: new or empty, or an export of the "
+                    "same run and format (rewritten); never a run directory")
     ex.set_defaults(fn=_cmd_export)
     fk = sub.add_parser("fake-imagenet", help="write a small ImageNet-like set (folders, zips, map files) to OUT")
     fk.add_argument("out", metavar="OUT")
@@ -547,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     fk.add_argument("--seed", type=int, default=0)
     fk.set_defaults(fn=_cmd_fake_imagenet)
     fd = sub.add_parser("fake-detection", help="write a small VOC-format detection set (shapes on noise) to OUT")
-    fd.add_argument("out", metavar="OUT")
+    fd.add_argument("out", metavar="OUT", help="a new or empty folder")
     fd.add_argument("--trainval", type=int, default=200, help="training images")
     fd.add_argument("--test", type=int, default=100, help="test images")
     fd.add_argument("--size", type=int, default=64, help="image side (px)")
@@ -581,15 +631,29 @@ def os_error_text(e: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import SelfsupError, TrainingStopped
+    from .progress import Heartbeat
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come anywhere on the line, after an option too; anything else is unknown
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides += extra
     # the positional preset may have swallowed the first key=value when only overrides were given
     if getattr(args, "preset", None) and "=" in args.preset and not Path(args.preset).exists():
         args.overrides.insert(0, args.preset)
         args.preset = None
     debug = args.debug or os.environ.get("SELFSUP_DEBUG", "0") not in ("", "0")
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    name = " ".join(words[:2] if words[:1] in (["eval"], ["bench"]) else words[:1])   # "eval knn", "visualize"
+    # a log (not a terminal) hears from the command at least every 30 s, even in steps without a count
+    every = float(os.environ.get("SELFSUP_HEARTBEAT_S", "30") or 0)   # 0: off
+    beat = Heartbeat(name, every or 30.0, enabled=every > 0 and os.environ.get("RANK", "0") == "0")
     try:
-        result = args.fn(args)
+        with beat:
+            result = args.fn(args)
     except (SelfsupError, FileNotFoundError, ValueError) as e:
         if debug:
             raise

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -25,8 +26,9 @@ __all__ = ["Config", "ConfigError", "load_config", "config_from_text", "validate
            "METHODS", "DATASETS", "STREAMABLE", "BACKBONES", "DEFAULT_INDEX_CACHE"]
 
 # The names the registries of the layers above accept (methods.METHODS, data.datasets.DATASETS,
-# models.backbones.BACKBONES), listed here so that the config is checked without importing them;
-# a test keeps them equal to the registries.
+# models.backbones.BACKBONES) and the data layer's STREAMABLE and DEFAULT_INDEX_CACHE (data.files),
+# listed here so that the config is checked without importing them (and data/ does not import the
+# config); a test keeps them equal.
 METHODS = ("instdisc", "moco", "mocov3", "pic", "simclr")
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "imagefolder", "imagenet-zip", "stl10", "synthetic")
 STREAMABLE = ("imagefolder", "imagenet-zip")     # file-backed sets that data.stream can read step by step
@@ -50,6 +52,7 @@ class DataConfig:
     stream: Optional[bool] = None       # read images from files during training (None: yes for imagenet-zip)
     file_list: Optional[str] = None     # imagefolder: a list of "path[<TAB>label]" lines ("{split}" expands)
     index_cache: Optional[str] = DEFAULT_INDEX_CACHE   # imagefolder file-index cache (null: none)
+    labels: str = "auto"                # imagefolder: auto (sub-folders are classes) | none (unlabelled images)
     cache_mode: str = "none"            # streamed sets: none | full (all bytes in RAM) | part (this rank's share)
     decode: str = "cpu"                 # streamed sets: cpu (PIL in workers) | device (torchvision.io on the GPU)
     prefetch: int = 4                   # batches each loader worker prepares ahead
@@ -133,6 +136,8 @@ class PICConfig:                        # PIC (Cao et al. 2020); one-million-way
     prior: bool = False                 # contrastive prior: rows = features of the untrained network
     smooth_alpha: float = 0.0           # label smoothing mass on the top-K hardest classes (one-million-way 0.2)
     smooth_k: int = 0                   # K hardest classes (by cos(w_i, w_j)); refreshed for each batch's targets
+    fused: bool = False                 # fused head step: the row update runs inside the backward's chunk loop
+                                        # (no (N, D) gradient; needs train.nonfinite=stop)
 
 
 @dataclass
@@ -193,34 +198,51 @@ class EvalConfig:
     finetune_batch_size: int = 256      # minibatch of fine-tuning (capped at the subset's size)
     finetune_from_head_layer: int = 0   # 0: classifier on the backbone; k: after k hidden head layers (SimCLR v2: 1)
     layer_decay: float = 1.0            # layer-wise lr decay of fine-tuning (MAE/BEiT: lr x d^(L - layer)); 1: off
-    # transfer to detection (`selfsup eval detection`): torchvision Faster R-CNN, ResNet-FPN body from the encoder;
-    # defaults: MoCo's VOC schedule (24k iterations at batch 16, lr 0.02, x0.1 at 18k and 22k), scaled by the batch
-    det_data: str = "voc"               # voc (VOCdevkit folders) | coco (a COCO-format json over an image folder)
-    det_root: Optional[str] = None      # voc: the folder holding VOCdevkit/; coco: the image folder
-    det_ann: Optional[str] = None       # coco: the training json
-    det_test_ann: Optional[str] = None  # coco: the test json
-    det_years: List[int] = field(default_factory=lambda: [2007, 2012])  # voc: trainval of these; test: VOC2007 test
-    det_classes: Optional[List[str]] = None  # None: VOC's 20 (voc) / the json's categories (coco)
-    det_norm: str = "frozen"            # frozen (FrozenBatchNorm2d, torchvision's default) | sync (BN trained;
+
+
+@dataclass
+class DetConfig:                        # transfer to detection (`selfsup eval detection`): torchvision
+                                        # Faster R-CNN, ResNet-FPN body from the encoder; defaults: MoCo's VOC
+                                        # schedule (24k iterations at batch 16, lr 0.02, x0.1 at 18k and 22k),
+                                        # scaled by the batch. Older runs' eval.det_<key> is read as det.<key>.
+    data: str = "voc"                   # voc (VOCdevkit folders) | coco (a COCO-format json over an image folder)
+    root: Optional[str] = None          # voc: the folder holding VOCdevkit/; coco: the image folder
+    ann: Optional[str] = None           # coco: the training json
+    test_ann: Optional[str] = None      # coco: the test json
+    years: List[int] = field(default_factory=lambda: [2007, 2012])  # voc: trainval of these; test: VOC2007 test
+    classes: Optional[List[str]] = None  # None: VOC's 20 (voc) / the json's categories (coco)
+    norm: str = "frozen"                # frozen (FrozenBatchNorm2d, torchvision's default) | sync (BN trained;
                                         # SyncBatchNorm under several GPU processes, MoCo's choice)
-    det_trainable_layers: int = 3       # 0-5: layer4, layer3, layer2, layer1, conv1 trained (torchvision's count)
-    det_batch_size: int = 16            # images per iteration (global)
-    det_iters: Optional[int] = None     # None: 24000 x 16 / det_batch_size
-    det_lr: Optional[float] = None      # None: 0.02 x det_batch_size / 16
-    det_steps: List[float] = field(default_factory=lambda: [0.75, 0.9166667])  # lr x0.1 at these fractions of iters
-    det_warmup_iters: Optional[int] = None  # linear warm-up from lr/1000; None: 100 x 16 / det_batch_size
-    det_weight_decay: float = 1e-4
-    det_min_sizes: List[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # train shorter sides
-    det_max_size: int = 1333            # longer side cap (train and test)
-    det_test_size: int = 800            # test shorter side
-    det_fpn_channels: int = 256         # FPN / RPN width (torchvision: 256)
-    det_head_dim: int = 1024            # box head MLP width (torchvision: 1024)
-    det_rois: int = 512                 # RoIs sampled per image for the box head in training (torchvision: 512)
-    det_proposals: int = 2000           # RPN proposals kept per image in training; half of it at test (torchvision)
-    det_anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # per FPN level P2-P6
-    det_num_workers: int = 4            # image decoding workers
-    det_checkpoint_every: int = 1000    # iterations between checkpoints (and at a stop and the end)
-    det_log_every: int = 20             # iterations between log lines (and the stop check under torchrun)
+    trainable_layers: int = 3           # 0-5: layer4, layer3, layer2, layer1, conv1 trained (torchvision's count)
+    batch_size: int = 16                # images per iteration (global)
+    iters: Optional[int] = None         # None: 24000 x 16 / batch_size
+    lr: Optional[float] = None          # None: 0.02 x batch_size / 16
+    steps: List[float] = field(default_factory=lambda: [0.75, 0.9166667])  # lr x0.1 at these fractions of iters
+    warmup_iters: Optional[int] = None  # linear warm-up from lr/1000; None: 100 x 16 / batch_size
+    weight_decay: float = 1e-4
+    min_sizes: List[int] = field(default_factory=lambda: list(range(480, 801, 32)))  # train shorter sides
+    max_size: int = 1333                # longer side cap (train and test)
+    test_size: int = 800                # test shorter side
+    fpn_channels: int = 256             # FPN / RPN width (torchvision: 256)
+    head_dim: int = 1024                # box head MLP width (torchvision: 1024)
+    rois: int = 512                     # RoIs sampled per image for the box head in training (torchvision: 512)
+    proposals: int = 2000               # RPN proposals kept per image in training; half of it at test (torchvision)
+    anchor_sizes: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # per FPN level P2-P6
+    num_workers: int = 4                # image decoding workers
+    checkpoint_every: int = 1000        # iterations between checkpoints (and at a stop and the end)
+    log_every: int = 20                 # iterations between log lines (and the stop check under torchrun)
+
+
+@dataclass
+class LogConfig:                        # what a run reports besides metrics.jsonl and TensorBoard
+    collapse_std: float = 0.1           # collapse alarm: embed_std below this fraction of 1/sqrt(D) (0: off)
+    collapse_rank: float = 2.0          # collapse alarm: embed_rank (effective rank) below this (0: off)
+    wandb: bool = False                 # also send scalars, config and final metrics to Weights & Biases
+    wandb_project: str = "selfsup"
+    wandb_mode: str = "offline"         # offline (files under RUN_DIR/wandb; `wandb sync` later) | online
+    mlflow: bool = False                # also send them to MLflow
+    mlflow_uri: Optional[str] = None    # tracking URI; None: a file store in RUN_DIR/mlruns (no server)
+    mlflow_experiment: str = "selfsup"
 
 
 @dataclass
@@ -245,6 +267,8 @@ class Config:
     pic: PICConfig = field(default_factory=PICConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    det: DetConfig = field(default_factory=DetConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 
@@ -329,13 +353,41 @@ def parse_yaml(text: str, source: str) -> DictConfig:
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{source} must be a mapping of config keys (lines like 'train: {{epochs: 10}}'), "
                           f"not a {'list' if node is not None else 'single value'}")
+    return migrate(node)
+
+
+# The keys that older selfsup kept in the eval section as eval.det_<key>: now det.<key>.
+DET_RENAMED = {f"det_{f.name}": f.name for f in fields(DetConfig)}
+
+
+def migrate(node: DictConfig) -> DictConfig:
+    """`node` (parsed config YAML) with older selfsup's eval.det_<key> moved to det.<key>, in place and
+    silently: the config.yaml and checkpoints of older runs load as they did (a det.<key> also present wins)."""
+    ev = node.get("eval") if isinstance(node, DictConfig) and "eval" in node else None
+    if isinstance(ev, DictConfig) and any(k in DET_RENAMED for k in ev.keys()):
+        moved = OmegaConf.create({DET_RENAMED[k]: ev.pop(k) for k in list(ev.keys()) if k in DET_RENAMED})
+        det = node.get("det") if "det" in node else None
+        node.det = OmegaConf.merge(moved, det) if isinstance(det, DictConfig) else moved
     return node
+
+
+def migrate_override(item: str) -> str:
+    """An override of an old eval.det_<key> as det.<key>, with a one-line note on stderr."""
+    key, _, value = item.partition("=")
+    parts = key.split(".")
+    if len(parts) < 2 or parts[0] != "eval" or parts[1] not in DET_RENAMED:
+        return item
+    new = ".".join(["det", DET_RENAMED[parts[1]], *parts[2:]])
+    print(f"[selfsup] note: {key} is now {new} (the eval.det_* keys moved to the det: section); "
+          f"write {new}={value}", file=sys.stderr)
+    return f"{new}={value}"
 
 
 def _apply_overrides(cfg: DictConfig, overrides: list[str] | None) -> DictConfig:
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.epochs=10)")
+        item = migrate_override(item)
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
     validate(cfg)
     return cfg
@@ -345,6 +397,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "data.name": DATASETS,
     "data.on_error": ("raise", "skip"),
+    "data.labels": ("auto", "none"),
     "data.sampler": ("epoch", "sliding_window"),
     "data.cache_mode": ("none", "full", "part"),
     "data.decode": ("cpu", "device"),
@@ -358,10 +411,11 @@ CHOICES = {
     "train.precision": ("auto", "fast", "bf16", "fp32"),
     "train.nonfinite": ("stop", "skip", "rollback"),
     "train.resume": ("never", "auto"),
+    "log.wandb_mode": ("offline", "online"),
     "eval.linear_mode": ("features", "augment"),
     "eval.linear_schedule": (None, "cosine", "step"),
-    "eval.det_data": ("voc", "coco"),
-    "eval.det_norm": ("frozen", "sync"),
+    "det.data": ("voc", "coco"),
+    "det.norm": ("frozen", "sync"),
 }
 
 # key -> (test, what it must be); None values are allowed where the key is Optional
@@ -417,6 +471,8 @@ RANGES = {
     "train.checkpoint_every": (lambda v: v >= 1, ">= 1 (steps)"),
     "train.log_every": (lambda v: v >= 1, ">= 1 (steps)"),
     "train.progress_s": (lambda v: v > 0, "> 0 (seconds between progress lines in a log)"),
+    "log.collapse_std": (lambda v: 0 <= v < 1, "in [0, 1) (a fraction of 1/sqrt(D); 0 turns it off)"),
+    "log.collapse_rank": (lambda v: v >= 0, ">= 0 (an effective rank; 0 turns it off)"),
     "train.threads": (lambda v: v >= 1, ">= 1"),
     "train.nonfinite_lr_factor": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.nonfinite_max": (lambda v: v >= 0, ">= 0"),
@@ -439,25 +495,25 @@ RANGES = {
     "eval.finetune_batch_size": (lambda v: v >= 2, ">= 2 (BN in training mode)"),
     "eval.finetune_from_head_layer": (lambda v: v >= 0, ">= 0"),
     "eval.layer_decay": (lambda v: 0 < v <= 1, "in (0, 1] (1: no layer-wise lr decay)"),
-    "eval.det_years": (lambda v: len(v) >= 1 and set(v) <= {2007, 2012}, "a list of 2007 and/or 2012"),
-    "eval.det_trainable_layers": (lambda v: 0 <= v <= 5, "in 0..5"),
-    "eval.det_batch_size": (lambda v: v >= 1, ">= 1"),
-    "eval.det_iters": (lambda v: v >= 1, ">= 1"),
-    "eval.det_lr": (lambda v: v > 0, "> 0"),
-    "eval.det_steps": (lambda v: all(0 < f <= 1 for f in v), "fractions of eval.det_iters in (0, 1]"),
-    "eval.det_warmup_iters": (lambda v: v >= 0, ">= 0"),
-    "eval.det_weight_decay": (lambda v: v >= 0, ">= 0"),
-    "eval.det_min_sizes": (lambda v: len(v) >= 1 and min(v) >= 1, "a non-empty list of sizes >= 1 (pixels)"),
-    "eval.det_max_size": (lambda v: v >= 1, ">= 1 (pixels)"),
-    "eval.det_test_size": (lambda v: v >= 1, ">= 1 (pixels)"),
-    "eval.det_fpn_channels": (lambda v: v >= 1, ">= 1"),
-    "eval.det_head_dim": (lambda v: v >= 1, ">= 1"),
-    "eval.det_rois": (lambda v: v >= 1, ">= 1"),
-    "eval.det_proposals": (lambda v: v >= 2, ">= 2"),
-    "eval.det_anchor_sizes": (lambda v: len(v) == 5 and min(v) >= 1, "5 sizes (pixels), one per level P2-P6"),
-    "eval.det_num_workers": (lambda v: v >= 0, ">= 0"),
-    "eval.det_checkpoint_every": (lambda v: v >= 1, ">= 1 (iterations)"),
-    "eval.det_log_every": (lambda v: v >= 1, ">= 1 (iterations)"),
+    "det.years": (lambda v: len(v) >= 1 and set(v) <= {2007, 2012}, "a list of 2007 and/or 2012"),
+    "det.trainable_layers": (lambda v: 0 <= v <= 5, "in 0..5"),
+    "det.batch_size": (lambda v: v >= 1, ">= 1"),
+    "det.iters": (lambda v: v >= 1, ">= 1"),
+    "det.lr": (lambda v: v > 0, "> 0"),
+    "det.steps": (lambda v: all(0 < f <= 1 for f in v), "fractions of det.iters in (0, 1]"),
+    "det.warmup_iters": (lambda v: v >= 0, ">= 0"),
+    "det.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "det.min_sizes": (lambda v: len(v) >= 1 and min(v) >= 1, "a non-empty list of sizes >= 1 (pixels)"),
+    "det.max_size": (lambda v: v >= 1, ">= 1 (pixels)"),
+    "det.test_size": (lambda v: v >= 1, ">= 1 (pixels)"),
+    "det.fpn_channels": (lambda v: v >= 1, ">= 1"),
+    "det.head_dim": (lambda v: v >= 1, ">= 1"),
+    "det.rois": (lambda v: v >= 1, ">= 1"),
+    "det.proposals": (lambda v: v >= 2, ">= 2"),
+    "det.anchor_sizes": (lambda v: len(v) == 5 and min(v) >= 1, "5 sizes (pixels), one per level P2-P6"),
+    "det.num_workers": (lambda v: v >= 0, ">= 0"),
+    "det.checkpoint_every": (lambda v: v >= 1, ">= 1 (iterations)"),
+    "det.log_every": (lambda v: v >= 1, ">= 1 (iterations)"),
     "dist.timeout_s": (lambda v: 0 < v <= 1e6, "in (0, 1e6] (seconds)"),
 }
 
@@ -497,6 +553,8 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
     if t.batch_size % world:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by the number of processes {world}: "
                           "choose a multiple of it (train.batch_size is the global batch)")
+    if t.micro_batch == 1:
+        check_micro_batch_bn(1, _batchnorm_in(cfg))
     _validate_data(d)
     if d.sampler == "sliding_window" and d.window < d.stride:
         raise ConfigError(f"data.window={d.window} is smaller than data.stride={d.stride}: some images would never "
@@ -506,6 +564,9 @@ def validate(cfg: DictConfig, world: int | None = None) -> None:
                           f"{cfg.model.backbone}: remove them or choose a timm backbone")
     if p.smooth_alpha > 0 and p.smooth_k == 0:
         raise ConfigError("pic.smooth_alpha > 0 needs pic.smooth_k > 0 (the number of hard classes)")
+    if cfg.method == "pic" and p.fused and t.nonfinite != "stop":
+        raise ConfigError(f"pic.fused=true moves the classifier rows inside the backward, so a step cannot be "
+                          f"dropped: it needs train.nonfinite=stop (got {t.nonfinite})")
     if cfg.eval.train_split == cfg.eval.test_split:
         raise ConfigError(f"eval.train_split and eval.test_split are both '{cfg.eval.test_split}': the kNN memory "
                           "and the labelled subsets must come from a split disjoint from the test split")
@@ -523,6 +584,28 @@ def _validate_timm(m) -> None:
     if not name:
         raise ConfigError("model.backbone='timm/' names no model: write timm/<name> (e.g. timm/vit_small_patch16_224)")
     check_timm_name(name)
+    check_timm_args(name, OmegaConf.to_container(m.backbone_args))
+
+
+def _batchnorm_in(cfg) -> str | None:
+    """Where the config's model has BatchNorm, as far as the config tells (a timm backbone's own layers
+    are seen when it is built), or None."""
+    m = cfg.model
+    if not m.backbone.startswith("timm/"):
+        return f"the {m.backbone} backbone"
+    if cfg.method == "mocov3":
+        return "MoCo v3's projection and prediction heads"
+    if m.head_layers >= 2 or m.head_out_bn:
+        return f"the projection head (model.head_layers={m.head_layers})"
+    return None
+
+
+def check_micro_batch_bn(micro_batch, where: str | None) -> None:
+    """BatchNorm in training mode needs two samples or more per chunk: refuse train.micro_batch=1 when
+    the model has it (`where`: in which part; None: nowhere)."""
+    if micro_batch == 1 and where:
+        raise ConfigError(f"train.micro_batch=1 cannot train {where}: BatchNorm needs 2 or more images per chunk. "
+                          "Set train.micro_batch=2 or more (or null: the whole batch at once)")
 
 
 def check_timm_name(name: str) -> None:
@@ -539,6 +622,80 @@ def check_timm_name(name: str) -> None:
                           "All names: python -c 'import timm; print(timm.list_models())'")
 
 
+def _whole(v) -> bool:
+    """A whole number >= 1, or a non-empty list of them (one per stage, or [H, W])."""
+    values = v if isinstance(v, list) else [v]
+    return bool(values) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in values)
+
+
+def _rate(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
+
+
+# common timm.create_model keyword arguments, checked here because timm's own checks are asserts and
+# divisions deep inside (or none: a negative drop-path rate fails in the first step)
+TIMM_ARGS = {
+    "img_size": (_whole, "a size in pixels >= 1 (or [H, W])"),
+    "patch_size": (_whole, "a size in pixels >= 1"),
+    "embed_dim": (_whole, "a whole number >= 1"),
+    "depth": (lambda v: _whole(v) and sum(v if isinstance(v, list) else [v]) <= 1000,
+              "a whole number of blocks in 1..1000"),
+    "num_heads": (_whole, "a whole number >= 1"),
+    "mlp_ratio": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+    "in_chans": (lambda v: v == 3 and not isinstance(v, bool),
+                 "3: the images reach the model as RGB (grayscale ones repeated to 3 channels); leave it out"),
+    **{k: (_rate, "a rate in [0, 1)") for k in ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate",
+                                                 "pos_drop_rate", "patch_drop_rate", "drop_block_rate")},
+}
+
+
+def check_timm_args(name: str, args: dict) -> None:
+    """ConfigError naming the key when model.backbone_args cannot build timm/<name>: the common keys
+    against their ranges, then a build on the meta device (no memory) for what timm itself rejects
+    and for a model larger than this machine's memory. Imports torch and timm."""
+    for key, (ok, what) in TIMM_ARGS.items():
+        if key in args and not ok(args[key]):
+            raise ConfigError(f"model.backbone_args.{key}={args[key]!r} is not valid: it must be {what}")
+    heads, dim = args.get("num_heads"), args.get("embed_dim")
+    if isinstance(heads, int) and isinstance(dim, int) and dim % heads:
+        raise ConfigError(f"model.backbone_args.embed_dim={dim} is not divisible by num_heads={heads}: choose an "
+                          f"embed_dim that is a multiple of num_heads (e.g. {heads * max(1, dim // heads)})")
+    size, patch = args.get("img_size"), args.get("patch_size")
+    if size is not None and patch is not None and min(size if isinstance(size, list) else [size]) < \
+            max(patch if isinstance(patch, list) else [patch]):
+        raise ConfigError(f"model.backbone_args.patch_size={patch} is larger than img_size={size}: the image holds "
+                          "no patch. Choose a patch_size that divides img_size (e.g. 7 for 28, 8 for 32)")
+    built = _timm_meta_build(name, args)
+    if isinstance(built, str):   # name the keys without which it builds
+        without = {k: {a: v for a, v in args.items() if a != k} for k in args}
+        keys = [k for k in args if not isinstance(_timm_meta_build(name, without[k]), str)]
+        which = ", ".join(f"model.backbone_args.{k}={args[k]!r}" for k in keys) or f"model.backbone_args {args}"
+        raise ConfigError(f"timm cannot build timm/{name} with {which} ({built}): change or remove "
+                          f"{'that value' if len(keys) == 1 else 'those values'}")
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):   # no sysconf: no bound
+        return
+    if built * 4 > memory:
+        raise ConfigError(f"model.backbone_args {args} make timm/{name} too large: {built:.3g} parameters, "
+                          f"{built * 4 / 2**30:,.0f} GiB in float32, more than this machine's {memory / 2**30:.0f} GiB "
+                          "of memory. Lower embed_dim, depth or img_size")
+
+
+def _timm_meta_build(name: str, args: dict) -> int | str:
+    """The parameter count of timm's `name` built with `args` on the meta device (no memory; 0 when a
+    model cannot be built there: its real build checks it), or timm's error as text."""
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(name, pretrained=False, num_classes=0, **args)
+    except Exception as e:  # noqa: BLE001 - timm checks with asserts, divisions and tensor shapes
+        return 0 if "meta" in str(e) else f"{type(e).__name__}: {e}"
+    return sum(p.numel() for p in net.parameters())
+
+
 def uses_stream(d) -> bool:
     """Whether training reads `d` (the data section) from its files step by step: data.stream, whose
     default (null) means yes for imagenet-zip only."""
@@ -546,6 +703,9 @@ def uses_stream(d) -> bool:
 
 
 def _validate_data(d) -> None:
+    if d.labels == "none" and d.name != "imagefolder":
+        raise ConfigError(f"data.labels=none is for a folder of your own images (data.name=imagefolder), not "
+                          f"data.name={d.name}")
     stream = uses_stream(d)
     if stream and d.name not in STREAMABLE:
         raise ConfigError(f"data.stream=true works for {', '.join(STREAMABLE)}, not data.name={d.name} "

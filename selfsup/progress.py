@@ -7,11 +7,18 @@ lost there, and stderr may go elsewhere)::
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 from tqdm import tqdm
 
-__all__ = ["Progress", "duration"]
+__all__ = ["Progress", "Heartbeat", "duration"]
+
+_last_line = [time.monotonic()]   # when a plain progress line was last printed (Progress or Heartbeat)
+
+
+def _printed() -> None:
+    _last_line[0] = time.monotonic()
 
 
 def duration(seconds: float) -> str:
@@ -40,8 +47,10 @@ class Progress:
     rate since the start (or since the last ``reset``)."""
 
     def __init__(self, total: int, desc: str, initial: int = 0, every_s: float = 30.0, enabled: bool = True,
-                 stream=None, tty: bool | None = None, clock=time.monotonic, unit: str = "step"):
+                 stream=None, tty: bool | None = None, clock=time.monotonic, unit: str = "step",
+                 final_line: bool = True):
         self.total, self.desc, self.n, self.every_s, self.unit = total, desc, initial, every_s, unit
+        self.final_line = final_line   # False: ``close`` prints a last line only after an earlier one
         self.enabled, self.clock = enabled, clock
         self.stream = stream if stream is not None else sys.stdout
         tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
@@ -49,6 +58,7 @@ class Progress:
         self.fields: dict = {}
         self.t0 = self.t_line = clock()
         self.n0 = self.n_line = initial
+        self.lines = 0
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -75,6 +85,7 @@ class Progress:
             self.bar.write(text)
         elif self.enabled:
             print(text, file=self.stream, flush=True)
+            _printed()
 
     def reset(self, total: int, n: int) -> None:
         """Start counting again at `n` of `total` (the rate and ETA from here)."""
@@ -98,10 +109,46 @@ class Progress:
 
     def _print_line(self) -> None:
         print(self.line(), file=self.stream, flush=True)
+        _printed()
         self.t_line, self.n_line = self.clock(), self.n
+        self.lines += 1
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled and self.n != self.n_line:
+        elif self.enabled and self.n != self.n_line and (self.final_line or self.lines):
             self._print_line()
+
+
+class Heartbeat:
+    """``with Heartbeat("eval knn"):`` prints ``[selfsup] eval knn: working, elapsed 1m00s`` on a log (stdout
+    not a terminal) whenever no progress line was printed for `every_s` seconds: the steps that have no
+    count to show (a kNN search, t-SNE, a baseline) never leave a log silent for long. A daemon thread;
+    nothing on a terminal, or when not `enabled` (a non-zero rank)."""
+
+    def __init__(self, desc: str, every_s: float = 30.0, enabled: bool = True, stream=None):
+        self.desc, self.every_s = desc, every_s
+        self.stream = stream if stream is not None else sys.stdout
+        self.enabled = enabled and not bool(getattr(self.stream, "isatty", lambda: False)())
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self) -> "Heartbeat":
+        if self.enabled:
+            self.t0 = time.monotonic()
+            _printed()
+            self._thread = threading.Thread(target=self._run, name="selfsup-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.every_s / 4)):
+            now = time.monotonic()
+            if now - _last_line[0] >= self.every_s:
+                print(f"[selfsup] {self.desc}: working, elapsed {duration(now - self.t0)}", file=self.stream, flush=True)
+                _printed()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -9,6 +9,7 @@ from selfsup.engine.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)   # deterministic and fair on a 2-core CI machine
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["SELFSUP_HEARTBEAT_S"] = "0"   # no "working" lines in the outputs tests read (test_progress covers it)
 
 # Hermetic: the suite never reads the machine's datasets or the network, so a green run here is a
 # green run on a machine where Fashion-MNIST was never installed. The loader searches no system folder
@@ -57,3 +58,14 @@ def assert_same_model(run_a, run_b) -> dict:
     for k in sa:
         assert torch.equal(sa[k], sb[k]), f"{k} differs"
     return sa
+
+
+def cli_error(capsys, argv) -> str:
+    """The one `selfsup: error: ...` line of a command that must fail with exit code 2 (no traceback)."""
+    from selfsup.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfsup: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err

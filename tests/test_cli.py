@@ -1,8 +1,9 @@
+import argparse
 import json
 
 import pytest
 
-from selfsup.cli import main
+from selfsup.cli import build_parser, main
 
 from conftest import TINY
 
@@ -54,3 +55,36 @@ def test_bench_list_reads_the_registry(capsys):
 
     assert main(["bench", "--list"]) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == list(BENCHES)
+
+
+def _command_paths(parser, path=()):
+    """Every command line that names a (sub)command: [], [train], [eval], [eval, knn], ..."""
+    yield list(path)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _command_paths(sub, (*path, name))
+
+
+def test_help_of_every_command_and_subcommand(capsys):
+    from selfsup.bench import BENCHES
+
+    paths = list(_command_paths(build_parser()))
+    assert ["eval", "finetune"] in paths and ["fake-detection"] in paths
+    for path in paths + [["bench", name] for name in BENCHES]:
+        for flag in ("--help", "-h"):
+            with pytest.raises(SystemExit) as e:
+                main([*path, flag])
+            assert e.value.code == 0, path
+            assert "usage:" in capsys.readouterr().out, path
+
+
+def test_overrides_may_come_after_an_option(capsys):
+    # the override reaches the config (an unknown key: refused there), not argparse's "unrecognized arguments"
+    assert main(["train", "simclr-fmnist-cpu", "--resume-if-exists", "train.nope=1"]) == 2
+    assert "unknown config key 'train.nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:   # an unknown option stays an error
+        main(["train", "simclr-fmnist-cpu", "--resume-if-exits", "train.epochs=1"])
+    assert e.value.code == 2 and "unrecognized arguments: --resume-if-exits" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # as does a key=value for a command that takes none
+        main(["report", "--run", "r", "train.epochs=1"])

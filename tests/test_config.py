@@ -56,6 +56,7 @@ def test_yaml_file(tmp_path):
 def test_the_configs_names_are_the_registries():
     """config.validate checks names without importing the layers above it: its lists must be theirs."""
     from selfsup import config
+    from selfsup.data import files
     from selfsup.data.datasets import DATASETS
     from selfsup.methods import METHODS
     from selfsup.models.backbones import BACKBONES
@@ -63,6 +64,7 @@ def test_the_configs_names_are_the_registries():
     assert sorted(config.METHODS) == sorted(METHODS)
     assert sorted(config.DATASETS) == sorted(DATASETS)
     assert sorted(config.BACKBONES) == sorted(BACKBONES)
+    assert config.STREAMABLE == files.STREAMABLE and config.DEFAULT_INDEX_CACHE == files.DEFAULT_INDEX_CACHE
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -71,6 +71,19 @@ def test_checkpoints_that_are_not_selfsup_checkpoints(run, tmp_path, capsys):
                  str(run / "config.yaml")]) == 0
 
 
+def test_an_empty_or_truncated_checkpoint_says_so_and_what_to_do(run, tmp_path, capsys):
+    broken = tmp_path / "run"
+    shutil.copytree(run, broken)
+    ck = broken / "checkpoints/last.pt"
+    ck.write_bytes(b"")
+    err = fails(["train", "--resume", str(broken)], capsys, "is empty (0 bytes)")
+    assert "truncated" in err and "restore it" in err, err
+    fails(["eval", "knn", "--checkpoint", str(ck)], capsys, "is empty (0 bytes)")
+    ck.write_bytes((run / "checkpoints/last.pt").read_bytes()[:100])
+    err = fails(["train", "--resume", str(broken)], capsys, f"could not read checkpoint '{ck}': ")
+    assert "restore it" in err and ": ;" not in err, err
+
+
 def test_embed_out_onto_a_file(run, tmp_path, capsys):
     f = tmp_path / "x.npy"
     f.write_text("")

@@ -115,3 +115,49 @@ def test_linear_augment_and_finetune_show_progress_in_a_log(monkeypatch, capsys)
     tune = [ln for ln in out if ln.startswith("[selfsup] finetune (32 labels): step ")]
     assert len(linear) == 8 and linear[-1].startswith("[selfsup] linear (augment): step 8/8 (100%) loss ")
     assert len(tune) == 4 and tune[-1].startswith("[selfsup] finetune (32 labels): step 4/4 (100%) loss ")
+
+
+def test_quiet_close_prints_only_after_an_earlier_line():
+    t = [0.0]
+    out = io.StringIO()
+    short = Progress(10, "features", stream=out, tty=False, clock=lambda: t[0], final_line=False)
+    short.update(10)
+    short.close()
+    assert out.getvalue() == ""   # a short extraction says nothing
+    long = Progress(10, "features", stream=out, tty=False, clock=lambda: t[0], final_line=False, unit="image")
+    long.update(4)
+    t[0] = 31.0
+    long.update(4)
+    long.update(2)
+    long.close()
+    lines = out.getvalue().splitlines()
+    assert [x.split(" elapsed")[0] for x in lines] == ["[selfsup] features: image 8/10 (80%)",
+                                                      "[selfsup] features: image 10/10 (100%)"]
+
+
+def test_heartbeat_speaks_only_when_the_log_is_silent():
+    import time
+
+    from selfsup.progress import Heartbeat
+
+    out = io.StringIO()
+    with Heartbeat("eval knn", every_s=0.2, stream=out):
+        time.sleep(0.7)
+    silent = out.getvalue().splitlines()
+    assert silent and all(x.startswith("[selfsup] eval knn: working, elapsed") for x in silent)
+    out2 = io.StringIO()
+    bar = Progress(100, "features", stream=out2, tty=False, every_s=0.05)
+    with Heartbeat("eval knn", every_s=0.2, stream=out2):
+        for _ in range(14):   # a progress line every 0.05 s: the heartbeat has nothing to add
+            time.sleep(0.05)
+            bar.update(1)
+    assert out2.getvalue() and "working" not in out2.getvalue()
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    with Heartbeat("eval knn", every_s=0.05, stream=tty):
+        time.sleep(0.2)
+    assert tty.getvalue() == ""   # a terminal has its bars

@@ -126,6 +126,25 @@ def _layouts(root: str) -> dict:
     return {"folder": has_folder, "zip": has_zip}
 
 
+def _append_chunk(cdir: str, tmp: str, split: str, out: tuple, counts: dict) -> None:
+    """Append the images of one generated chunk's `split` (in `cdir`) to the set in `tmp`, renumbered:
+    to its zip and map (`out`) and to its folder layout."""
+    z, m = out
+    with zipfile.ZipFile(os.path.join(cdir, f"{split}.zip")) as cz, open(os.path.join(cdir, f"{split}_map.txt")) as f:
+        for line in f:
+            name, label = line.rstrip("\n").split("\t")
+            wnid = name.split("/")[0]
+            new = f"{wnid}/{wnid}_{counts[split]:06d}.JPEG"
+            counts[split] += 1
+            data = cz.read(name)
+            z.writestr(new, data)
+            m.write(f"{new}\t{label}\n")
+            path = os.path.join(tmp, split, new)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as g:
+                g.write(data)
+
+
 def make_source_set(root: str, classes: int, per_class: int, min_size: int, max_size: int, seed: int = 0) -> dict:
     """Write an ImageNet-like set (both layouts: ``train/<wnid>/*.JPEG``, ``train.zip`` +
     ``train_map.txt``, and a small val split) into `root` with
@@ -152,21 +171,7 @@ def make_source_set(root: str, classes: int, per_class: int, min_size: int, max_
                 make_fake_imagenet(cdir, classes=classes, train_per_class=n, val_per_class=val_pc if j == 0 else 1,
                                    min_size=min_size, max_size=max_size, seed=seed * 1000 + j, layouts=("zip",))
                 for split in ("train", "val") if j == 0 else ("train",):
-                    z, m = outs[split]
-                    with zipfile.ZipFile(os.path.join(cdir, f"{split}.zip")) as cz, \
-                            open(os.path.join(cdir, f"{split}_map.txt")) as f:
-                        for line in f:
-                            name, label = line.rstrip("\n").split("\t")
-                            wnid = name.split("/")[0]
-                            new = f"{wnid}/{wnid}_{counts[split]:06d}.JPEG"
-                            counts[split] += 1
-                            data = cz.read(name)
-                            z.writestr(new, data)
-                            m.write(f"{new}\t{label}\n")
-                            path = os.path.join(tmp, split, new)
-                            os.makedirs(os.path.dirname(path), exist_ok=True)
-                            with open(path, "wb") as g:
-                                g.write(data)
+                    _append_chunk(cdir, tmp, split, outs[split], counts)
                 shutil.rmtree(cdir)
                 done, j = done + n, j + 1
         finally:
@@ -325,28 +330,20 @@ def _aug_only(aug, batch, size, device, reps, seed) -> float:
 # ---------------------------------------------------------------- public API
 
 
-def bench_data(root: str, layouts: dict, readers=READERS, decodes=DECODES, workers=(0,), batch: int = 64,
-               steps: int = 10, warmup: int = 1, size: int = 224, device="cpu", prefetch: int = 4, seed: int = 0,
-               repeats: int = 1, index_cache: str | None = None, notes: list | None = None) -> list[dict]:
-    """Measure every (reader, decode, workers) on the set in `root` (see the module docstring).
-
-    Returns one dict per configuration: ``reader, decode, device, workers, batch, steps,
-    loader_steps, images_per_s, views_per_s, loader_only_images_per_s, ms_per_batch,
-    loader_ms_per_batch, e2e_stat, loader_stat`` (``"median"`` of the per-batch times or ``"mean"``
-    over the timed window), ``aug_only_images_per_s``. A configuration that fails gets a note
-    instead of a row.
-    """
-    notes = notes if notes is not None else []
-    device = torch.device(device)
+def _check_names(readers, decodes) -> None:
     for r in readers:
         if r not in READERS:
             raise ValueError(f"unknown reader {r!r}; valid: {', '.join(READERS)}")
     for d in decodes:
         if d not in DECODES:
             raise ValueError(f"unknown decode mode {d!r}; valid: {', '.join(DECODES)}")
-    specs = [(size, (0.08, 1.0), (3 / 4, 4 / 3))] * 2
-    aug = simclr_augment(size, strength=1.0)
-    aug_s = math.inf
+
+
+def _open_sets(root: str, layouts: dict, readers, index_cache, preread: tuple, notes: list) -> list:
+    """(reader, set) of every reader that opens the set in `root`, with a note for each (how long it took,
+    or why it was skipped) and one of the images. `preread` (batch, seed, warmup, workers, steps): what
+    the passes will read, read once here, untimed (zip-cached: every encoded byte cached instead)."""
+    batch, seed, warmup, workers, steps = preread
     dsets, stats_done = [], False
     for reader in readers:
         need = "folder" if reader == "folder" else "zip"
@@ -374,45 +371,45 @@ def bench_data(root: str, layouts: dict, readers=READERS, decodes=DECODES, worke
             notes.append(_image_stats(dset))
             stats_done = True
         dsets.append((reader, dset))
-    cpu = device.type == "cpu"
-    best: dict = {}   # (reader, decode, workers) -> row, the fastest of the rounds
-    for _ in range(max(1, repeats)):
-        aug_s = min(aug_s, _aug_only(aug, batch, size, device, 3, seed))
-        for reader, dset in dsets:
-            for decode in decodes:
-                for w in workers:
-                    key = (reader, decode, w)
-                    kw = dict(dset=dset, specs=specs, batch=batch, workers=w, device=device, decode=decode,
-                              prefetch=prefetch, seed=seed)
-                    lo_steps = _loader_steps(steps, w)
-                    try:
-                        lo_s, _, lo_t = _timed_pass(**kw, steps=lo_steps, warmup=warmup + w, per_batch=cpu and w == 0)
-                        lo_batch = statistics.median(lo_t) if lo_t else lo_s / lo_steps
-                        # the per-worker warm-up lets the workers' first round (W batches at once) pass; when the
-                        # augmentation is much slower than the loader, the workers run ahead anyway: not needed
-                        ahead = aug_s > 2 * lo_s / lo_steps
-                        e2e_s, _, e2e_t = _timed_pass(**kw, steps=steps, warmup=warmup + (0 if ahead else w), aug=aug,
-                                                      per_batch=cpu and (w == 0 or ahead))
-                        e2e_batch = statistics.median(e2e_t) if e2e_t else e2e_s / steps
-                    except Exception as e:   # noqa: BLE001
-                        if key not in best:
-                            notes.append(f"reader={reader} decode={decode} workers={w}: failed: "
-                                         f"{type(e).__name__}: {e}")
-                            best[key] = None
-                        continue
-                    row = best.get(key)
-                    if row is None:
-                        if key in best:   # failed in an earlier round
-                            continue
-                        row = best[key] = dict(reader=reader, decode=decode, device=device.type, workers=w,
-                                               batch=batch, steps=steps, loader_steps=lo_steps, ms_per_batch=math.inf,
-                                               loader_ms_per_batch=math.inf, e2e_stat="median" if e2e_t else "mean",
-                                               loader_stat="median" if lo_t else "mean")
-                    row["ms_per_batch"] = min(row["ms_per_batch"], 1e3 * e2e_batch)
-                    row["loader_ms_per_batch"] = min(row["loader_ms_per_batch"], 1e3 * lo_batch)
-                    progress("data", reader=reader, decode=decode, workers=w, images_per_s=batch / e2e_batch,
-                             loader_only_images_per_s=batch / lo_batch)
-        aug_s = min(aug_s, _aug_only(aug, batch, size, device, 3, seed))   # at both ends of the round
+    return dsets
+
+
+def _measure_one(best: dict, kw: dict, steps: int, warmup: int, aug, aug_s: float, notes: list) -> None:
+    """Time one (reader, decode, workers) configuration (`kw`: `_timed_pass`'s arguments but the steps):
+    the loader alone, then loader + augmentation. `best[(reader, decode, workers)]` keeps the faster of
+    this round and the earlier ones (None: it failed, with a note, and is not measured again)."""
+    reader, decode, w, batch, device = kw.pop("reader"), kw["decode"], kw["workers"], kw["batch"], kw["device"]
+    key, cpu, lo_steps = (reader, decode, w), device.type == "cpu", _loader_steps(steps, w)
+    try:
+        lo_s, _, lo_t = _timed_pass(**kw, steps=lo_steps, warmup=warmup + w, per_batch=cpu and w == 0)
+        lo_batch = statistics.median(lo_t) if lo_t else lo_s / lo_steps
+        # the per-worker warm-up lets the workers' first round (W batches at once) pass; when the
+        # augmentation is much slower than the loader, the workers run ahead anyway: not needed
+        ahead = aug_s > 2 * lo_s / lo_steps
+        e2e_s, _, e2e_t = _timed_pass(**kw, steps=steps, warmup=warmup + (0 if ahead else w), aug=aug,
+                                      per_batch=cpu and (w == 0 or ahead))
+        e2e_batch = statistics.median(e2e_t) if e2e_t else e2e_s / steps
+    except Exception as e:   # noqa: BLE001
+        if key not in best:
+            notes.append(f"reader={reader} decode={decode} workers={w}: failed: {type(e).__name__}: {e}")
+            best[key] = None
+        return
+    row = best.get(key)
+    if row is None:
+        if key in best:   # failed in an earlier round
+            return
+        row = best[key] = dict(reader=reader, decode=decode, device=device.type, workers=w,
+                               batch=batch, steps=steps, loader_steps=lo_steps, ms_per_batch=math.inf,
+                               loader_ms_per_batch=math.inf, e2e_stat="median" if e2e_t else "mean",
+                               loader_stat="median" if lo_t else "mean")
+    row["ms_per_batch"] = min(row["ms_per_batch"], 1e3 * e2e_batch)
+    row["loader_ms_per_batch"] = min(row["loader_ms_per_batch"], 1e3 * lo_batch)
+    progress("data", reader=reader, decode=decode, workers=w, images_per_s=batch / e2e_batch,
+             loader_only_images_per_s=batch / lo_batch)
+
+
+def _final_rows(best: dict, batch: int, aug_s: float) -> list[dict]:
+    """The rows of the configurations that ran, with their rates."""
     rows = []
     for row in best.values():
         if row is None:
@@ -421,6 +418,38 @@ def bench_data(root: str, layouts: dict, readers=READERS, decodes=DECODES, worke
                    loader_only_images_per_s=1e3 * batch / row["loader_ms_per_batch"],
                    aug_only_images_per_s=batch / aug_s)
         rows.append(row)
+    return rows
+
+
+def bench_data(root: str, layouts: dict, readers=READERS, decodes=DECODES, workers=(0,), batch: int = 64,
+               steps: int = 10, warmup: int = 1, size: int = 224, device="cpu", prefetch: int = 4, seed: int = 0,
+               repeats: int = 1, index_cache: str | None = None, notes: list | None = None) -> list[dict]:
+    """Measure every (reader, decode, workers) on the set in `root` (see the module docstring).
+
+    Returns one dict per configuration: ``reader, decode, device, workers, batch, steps,
+    loader_steps, images_per_s, views_per_s, loader_only_images_per_s, ms_per_batch,
+    loader_ms_per_batch, e2e_stat, loader_stat`` (``"median"`` of the per-batch times or ``"mean"``
+    over the timed window), ``aug_only_images_per_s``. A configuration that fails gets a note
+    instead of a row.
+    """
+    notes = notes if notes is not None else []
+    device = torch.device(device)
+    _check_names(readers, decodes)
+    specs = [(size, (0.08, 1.0), (3 / 4, 4 / 3))] * 2
+    aug = simclr_augment(size, strength=1.0)
+    aug_s = math.inf
+    dsets = _open_sets(root, layouts, readers, index_cache, (batch, seed, warmup, workers, steps), notes)
+    best: dict = {}   # (reader, decode, workers) -> row, the fastest of the rounds
+    for _ in range(max(1, repeats)):
+        aug_s = min(aug_s, _aug_only(aug, batch, size, device, 3, seed))
+        for reader, dset in dsets:
+            for decode in decodes:
+                for w in workers:
+                    kw = dict(reader=reader, dset=dset, specs=specs, batch=batch, workers=w, device=device,
+                              decode=decode, prefetch=prefetch, seed=seed)
+                    _measure_one(best, kw, steps, warmup, aug, aug_s, notes)
+        aug_s = min(aug_s, _aug_only(aug, batch, size, device, 3, seed))   # at both ends of the round
+    rows = _final_rows(best, batch, aug_s)
     notes.append(f"augmentation alone (both views, batched on {device.type}, crop=False; median of 3, the "
                  f"better of before and after each round): {1e3 * aug_s:.1f} ms per batch of "
                  f"{batch} = {batch / aug_s:.1f} images/s")

@@ -57,15 +57,16 @@ import itertools
 import resource
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import load_config
+from ..config import load_config, uses_stream
 from ..data.datasets import build_dataset
-from ..data.splits import load_split, streams
+from ..data.splits import load_split
 from ..engine.data import TrainData
-from ..engine.setup import Env, autocast_dtype, data_on_device, keep_freed_memory, resolve_device
+from ..engine.setup import Env, autocast_dtype, configure_torch, data_on_device, keep_freed_memory, resolve_device
 from ..engine.step import Step, build_model, make_optimizer, wrap_model
 from ..errors import DatasetNotFoundError
 from ..methods import build_method
@@ -191,19 +192,17 @@ def _flop_views(model, cfg, sizes: list[int]) -> dict:
     return {"trained_views": list(sizes), "forward_views": []}
 
 
-def _measure_mode(mode, cfg, ds, env, steps, warmup, notes, prime_only=False):
-    """Build the model, optimiser, step and data path as the trainer does and time `warmup + steps`
-    steps of `mode`. `prime_only`: build and run the warm-up steps only (untimed), then free
-    everything; returns None."""
-    torch.manual_seed(cfg.seed)
+def _build_step(mode, cfg, ds, env) -> dict:
+    """Model, optimiser, step and data path of `mode`, built as the trainer builds them: {model, augs,
+    size, data_part(i) -> (views, index on the device) of step i, train_part(views, index) -> loss}.
+    The two functions hold everything: clearing the dict frees it."""
     device = env.device
-    rss0 = RssPeak().rss() if device.type == "cpu" else 0
     data = TrainData(cfg, env, ds=ds)
     model, channels_last = build_model(cfg, len(ds), env)
     opt, sched = make_optimizer(model, cfg, data.steps_per_epoch)
     step = Step(model, wrap_model(model, cfg, env), opt, sched, env.amp, cfg.train.micro_batch)   # as the trainer
     step.net.train()
-    augs, size, b = model.view_augs(data.aug), data.size, cfg.train.batch_size
+    augs, b = model.view_augs(data.aug), cfg.train.batch_size
     if mode == "synthetic":
         g = torch.Generator().manual_seed(cfg.seed + 1)
         fixed = [torch.randn(b, 3, a.size, a.size, generator=g).to(device) for a in augs]
@@ -221,16 +220,15 @@ def _measure_mode(mode, cfg, ds, env, steps, warmup, notes, prime_only=False):
     def train_part(views, index):
         return step.step(views, index)["loss"]
 
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        loss = train_part(*data_part(i))
-    sync(device)
-    warmup_s = time.perf_counter() - t0
-    if prime_only:
-        del model, step, opt, sched, data
-        gc.collect()
-        return None, size
-    if device.type == "cuda":
+    return {"model": model, "augs": augs, "size": data.size, "data_part": data_part, "train_part": train_part}
+
+
+def _timed_steps(device, steps: int, first: int, data_part, train_part) -> dict:
+    """Steps first .. first + steps - 1, timed: {wall (s), step_ms and data_ms (per step), faults (minor
+    page faults), loss (the last step's), base_mem (CUDA: bytes allocated before them), rss_peak (CPU:
+    the RSS sampled every 5 ms)}. CUDA: from events recorded between the parts (no host sync)."""
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         base_mem = torch.cuda.memory_allocated(device)
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
@@ -244,63 +242,233 @@ def _measure_mode(mode, cfg, ds, env, steps, warmup, notes, prime_only=False):
     try:
         t0 = time.perf_counter()
         for i in range(steps):
-            if device.type == "cuda":
+            if cuda:
                 ev[i][0].record()
-                views, index = data_part(warmup + i)
+                views, index = data_part(first + i)
                 ev[i][1].record()
                 loss = train_part(views, index)
             else:
                 t_a = time.perf_counter()
-                views, index = data_part(warmup + i)
+                views, index = data_part(first + i)
                 t_b = time.perf_counter()
                 loss = train_part(views, index)
                 cpu_marks.append((t_a, t_b))
-        if device.type == "cuda":
+        if cuda:
             ev_end.record()
         sync(device)
         wall = time.perf_counter() - t0
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-        if device.type == "cpu":
+        if not cuda:
             cpu_marks.append((time.perf_counter(), None))
     finally:
         if probe is not None:
             probe.__exit__(None, None, None)
-    if device.type == "cuda":
+    if cuda:
         starts = [e[0] for e in ev] + [ev_end]
         step_ms = [starts[i].elapsed_time(starts[i + 1]) for i in range(steps)]
         data_ms = [ev[i][0].elapsed_time(ev[i][1]) for i in range(steps)]
-        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
-        tensor_mib = None
     else:
         step_ms = [1e3 * (cpu_marks[i + 1][0] - cpu_marks[i][0]) for i in range(steps)]
         data_ms = [1e3 * (cpu_marks[i][1] - cpu_marks[i][0]) for i in range(steps)]
-        gc.collect()
-        with StepRss(restore=keep_freed_memory) as m:   # one more step, its own peak (see StepRss)
-            loss = train_part(*data_part(warmup + steps))
-        peak_mib = (m.peak if m.ok else max(0, probe.peak - rss0)) / 2**20
-        loss, tensor_bytes = tensor_peak(lambda: train_part(*data_part(warmup + steps + 1)))   # and one more
-        tensor_mib = None if tensor_bytes is None else tensor_bytes / 2**20
-    loss_v = float(loss.detach().float())
-    if loss_v != loss_v or abs(loss_v) == float("inf"):
-        notes.append(f"{mode}: the loss is not finite ({loss_v}) after the timed steps")
-    n_views = len(augs)
-    res = dict(views_per_s=steps * b * n_views / wall, ms_per_step=statistics.median(step_ms),
-               ms_per_step_mean=1e3 * wall / steps, data_ms=statistics.median(data_ms) if mode != "synthetic" else 0.0,
-               data_share=(sum(data_ms) / sum(step_ms)) if mode != "synthetic" else 0.0,
-               peak_mem_mib=peak_mib, tensor_peak_mib=tensor_mib,
-               base_mem_mib=None if base_mem is None else base_mem / 2**20,
-               warmup_s=warmup_s, minor_faults_per_step=faults / steps, loss=loss_v,
-               view_sizes=[a.size for a in augs], n_views=n_views,
-               **_flop_views(model, cfg, [a.size for a in augs]))
-    # free this mode's state before the next one
-    del model, step, opt, sched, data
+    return dict(wall=wall, step_ms=step_ms, data_ms=data_ms, faults=faults, loss=loss, base_mem=base_mem,
+                rss_peak=None if probe is None else probe.peak)
+
+
+def _step_peak(device, timed: dict, rss0: int, first: int, data_part, train_part) -> tuple:
+    """(peak_mem_mib, tensor_peak_mib, last loss) of a step. CUDA: max_memory_allocated over the timed
+    steps. CPU: two more, untimed steps from `first`: one's peak RSS growth (`StepRss`; the sampled RSS
+    above `rss0` where it cannot measure), the other's peak tensor bytes (`tensor_peak`)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, None, timed["loss"]
     gc.collect()
+    with StepRss(restore=keep_freed_memory) as m:   # one more step, its own peak (see StepRss)
+        train_part(*data_part(first))
+    peak_mib = (m.peak if m.ok else max(0, timed["rss_peak"] - rss0)) / 2**20
+    loss, tensor_bytes = tensor_peak(lambda: train_part(*data_part(first + 1)))   # and one more
+    return peak_mib, None if tensor_bytes is None else tensor_bytes / 2**20, loss
+
+
+def _measure_mode(mode, cfg, ds, env, steps, warmup, notes, prime_only=False):
+    """Build the model, optimiser, step and data path as the trainer does and time `warmup + steps`
+    steps of `mode`. `prime_only`: build and run the warm-up steps only (untimed), then free
+    everything; returns None."""
+    torch.manual_seed(cfg.seed)
+    device = env.device
+    rss0 = RssPeak().rss() if device.type == "cpu" else 0
+    parts = _build_step(mode, cfg, ds, env)
+    data_part, train_part, size = parts["data_part"], parts["train_part"], parts["size"]
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        train_part(*data_part(i))
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    if not prime_only:
+        timed = _timed_steps(device, steps, warmup, data_part, train_part)
+        peak_mib, tensor_mib, loss = _step_peak(device, timed, rss0, warmup + steps, data_part, train_part)
+        loss_v = float(loss.detach().float())
+        if loss_v != loss_v or abs(loss_v) == float("inf"):
+            notes.append(f"{mode}: the loss is not finite ({loss_v}) after the timed steps")
+        augs, b, synthetic = parts["augs"], cfg.train.batch_size, mode == "synthetic"
+        res = dict(views_per_s=steps * b * len(augs) / timed["wall"], ms_per_step=statistics.median(timed["step_ms"]),
+                   ms_per_step_mean=1e3 * timed["wall"] / steps,
+                   data_ms=0.0 if synthetic else statistics.median(timed["data_ms"]),
+                   data_share=0.0 if synthetic else sum(timed["data_ms"]) / sum(timed["step_ms"]),
+                   peak_mem_mib=peak_mib, tensor_peak_mib=tensor_mib,
+                   base_mem_mib=None if timed["base_mem"] is None else timed["base_mem"] / 2**20,
+                   warmup_s=warmup_s, minor_faults_per_step=timed["faults"] / steps, loss=loss_v,
+                   view_sizes=[a.size for a in augs], n_views=len(augs),
+                   **_flop_views(parts["model"], cfg, [a.size for a in augs]))
+    # free this mode's state before the next one
+    del data_part, train_part
+    parts.clear()
+    gc.collect()
+    if prime_only:
+        return None, size
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res, size
 
 
 # ---------------------------------------------------------------- public API
+
+
+def _check_settings(s: dict) -> tuple:
+    """The modes of settings `s`; ValueError for an unknown mode or data, or a bad step count."""
+    modes = tuple(s["modes"])
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; valid: {', '.join(MODES)}")
+    if s["data"] not in ("preset", "synthetic"):
+        raise ValueError(f"unknown data {s['data']!r}; valid: preset, synthetic")
+    if int(s["steps"]) < 1 or int(s["warmup"]) < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got {s['steps']}, {s['warmup']}")
+    return modes
+
+
+@contextmanager
+def _torch_settings(cfg, device, cudnn_benchmark):
+    """The trainer's torch settings for the block (`configure_torch`: threads, deterministic mode, cuDNN's
+    autotuner, the CPU allocator), `cudnn_benchmark` (None: the trainer's choice) over them; yields the
+    thread count before, and restores it, the autotuner and the deterministic mode after."""
+    prev = (torch.get_num_threads(), torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+    configure_torch(cfg, device)
+    if cudnn_benchmark is not None:
+        torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    try:
+        yield prev[0]
+    finally:
+        torch.set_num_threads(prev[0])
+        torch.backends.cudnn.benchmark = prev[1]
+        torch.use_deterministic_algorithms(prev[2], warn_only=prev[3])
+
+
+def _train_set(cfg, device, stream: bool):
+    """The training set of the bench, on the device where the trainer would put it."""
+    ds = _load_train_set(cfg, stream)
+    if not stream and data_on_device(cfg, device):
+        ds = ds.to(device)
+    if len(ds) < cfg.train.batch_size:
+        raise ValueError(f"dataset has {len(ds)} images, fewer than train.batch_size={cfg.train.batch_size}")
+    return ds
+
+
+def _measure_rows(s: dict, configs: list, modes: tuple, ds, env, notes: list) -> tuple[list[dict], int]:
+    """One row per (configuration, mode), in order, and the image size. On CPU an untimed priming run
+    (build + warm-up of the first mode) comes first: every timed mode then finds a warm heap."""
+    rows, size = [], None
+    if env.device.type == "cpu" and modes:
+        _measure_mode(modes[0], configs[0], ds, env, 0, max(1, int(s["warmup"])), notes, prime_only=True)
+    for c in configs:
+        for mode in modes:
+            r, size = _measure_mode(mode, c, ds, env, int(s["steps"]), int(s["warmup"]), notes)
+            rows.append(dict(mode=mode, method=c.method, backbone=c.model.backbone, image_size=size,
+                             batch=c.train.batch_size, micro_batch=c.train.micro_batch,
+                             checkpointing=bool(c.model.checkpointing), **r))
+            progress("throughput", mode=mode, micro_batch=c.train.micro_batch or "all",
+                     checkpointing="on" if c.model.checkpointing else "off", views_per_s=r["views_per_s"],
+                     peak_mem_mib=r["peak_mem_mib"], tensor_peak_mib=r["tensor_peak_mib"] or 0.0)
+    return rows, size
+
+
+def _add_flops(rows: list[dict], cfg) -> None:
+    """gflop_per_view, gflop_per_step and tflops of every row, from the backbone's counted FLOPs."""
+    backbone = build_method(cfg).backbone   # a fresh copy for counting (same architecture)
+    flops = {v: count_backbone_flops(backbone, v) for r in rows for v in set(r["view_sizes"])}
+    for r in rows:
+        sizes = r["view_sizes"]
+        per_image = 3 * sum(flops[v] for v in r.pop("trained_views")) + sum(flops[v] for v in r.pop("forward_views"))
+        r["gflop_per_view"] = flops[sizes[0]] / 1e9
+        r["gflop_per_step"] = per_image * r["batch"] / 1e9
+        r["tflops"] = r["gflop_per_step"] * r["views_per_s"] / (r["batch"] * r["n_views"]) / 1e3
+
+
+def _memory_notes(device) -> list[str]:
+    """What the timing and memory columns of `device` mean."""
+    if device.type == "cuda":
+        return ["ms/step and data share from CUDA events between the parts (no extra host sync); views/s from "
+                "the wall clock over the timed steps; peak_mem_mib = torch.cuda.max_memory_allocated over the "
+                "timed steps (weights, optimiser state, dataset on device and activations)"]
+    with StepRss(restore=keep_freed_memory) as m:
+        pass
+    if m.ok:
+        rss = ("CPU: peak_mem_mib = the peak RSS growth of one more, untimed step after the timed ones "
+               "(data part + training step: activations, gradients, temporaries) above the resident "
+               "model and optimiser state: freed heap memory given back to the OS (malloc_trim), blocks "
+               ">= 64 KiB mmapped so that a freed tensor leaves the RSS, and the kernel's high-water mark "
+               "reset (/proc/self/clear_refs) before it; VmHWM after it minus the RSS before it. "
+               "Comparable between rows; not the process's total (max_rss_mib); about +-10% between runs")
+    else:
+        rss = ("CPU: peak_mem_mib = increase of the process RSS (sampled every 5 ms) over its value before "
+               "the mode's model was built; coarse (the allocator keeps freed memory)")
+    return [rss,
+            "CPU: tensor_peak_mib (tensor MiB) = the peak of the tensor bytes allocated at once during one "
+            "more step, from the profiler's memory timeline (torch.profiler, profile_memory): activations, "
+            "gradients and temporaries above the resident model and optimiser state, without the "
+            "allocator's overhead and the noise of the RSS: the CPU counterpart of CUDA's peak",
+            "CPU: an untimed priming run (build + warm-up of the first mode) comes first, so every timed mode "
+            "finds the heap that an earlier run left: in a fresh process glibc malloc gives large freed "
+            "blocks back to the OS and each step page-faults them in again (minor_faults_per_step; "
+            "10-15% of the step for simclr-fmnist-cpu on 2 cores)"]
+
+
+def _add_notes(notes: list, s: dict, cfg, configs: list, modes: tuple, device, stream: bool) -> None:
+    """The notes that say what the rows measure and what they leave out."""
+    if any(c.model.checkpointing for c in configs):
+        notes.append("checkpointing: the backbone's stages run forward again in the backward (about 1/3 more "
+                     "backbone compute); tflops counts the model's FLOPs, not the recomputation")
+    notes.append("tflops = counted backbone FLOPs (FlopCounterMode, one forward, x3 for forward+backward of each "
+                 "trained view; MoCo: x3 for the query view(s), x1 for the key encoder's view(s)) x steps/s; "
+                 "the projection head, the loss, the optimiser and the augmentation are not counted, and x3 slightly "
+                 "overstates the backward of the first conv (no input gradient)")
+    notes.extend(_memory_notes(device))
+    if "pipeline" in modes and not stream and cfg.data.name == "synthetic":
+        notes.append("pipeline data: the procedural `synthetic` set (3-channel, in memory) at the requested size, "
+                     "not the preset's dataset")
+    notes.append("not measured: DDP, the trainer's non-finite guard (host sync per step when train.nonfinite != "
+                 "stop), logging, checkpoints, the kNN monitor")
+    if cfg.train.compile and int(s["warmup"]) == 0:
+        notes.append("compile=true with warmup=0: compilation happens in the timed steps")
+
+
+def _resolved_config(s: dict, configs: list, run: dict) -> dict:
+    """The settings with what they resolved to (`run`: size, ds, stream, device, amp, prev_threads)."""
+    cfg, device, amp = configs[0], run["device"], run["amp"]
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()}
+    config.update(overrides=_overrides(s), micro_batch=list(dict.fromkeys(c.train.micro_batch for c in configs)),
+                  checkpointing=list(dict.fromkeys(bool(c.model.checkpointing) for c in configs)),
+                  method=cfg.method, backbone=cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
+                  width=cfg.model.width if cfg.model.backbone == "resnet_small" else None,
+                  batch=cfg.train.batch_size, image_size=run["size"], dataset=cfg.data.name, stream=run["stream"],
+                  dataset_size=len(run["ds"]), optimizer=cfg.train.optimizer, device=str(device),
+                  device_name=device_name(device), torch=torch.__version__,
+                  precision=str(amp).replace("torch.", "") if amp is not None else "fp32",
+                  compile=bool(cfg.train.compile), channels_last=bool(cfg.train.channels_last),
+                  cudnn_benchmark=torch.backends.cudnn.benchmark if s["cudnn_benchmark"] is None
+                  else bool(s["cudnn_benchmark"]),
+                  threads=(cfg.train.threads or run["prev_threads"]) if device.type == "cpu" else None,
+                  max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return config
 
 
 def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[dict], dict]:
@@ -316,116 +484,22 @@ def bench_throughput(settings: dict, notes: list | None = None) -> tuple[list[di
     """
     notes = notes if notes is not None else []
     s = settings
-    modes = tuple(s["modes"])
-    for m in modes:
-        if m not in MODES:
-            raise ValueError(f"unknown mode {m!r}; valid: {', '.join(MODES)}")
-    if s["data"] not in ("preset", "synthetic"):
-        raise ValueError(f"unknown data {s['data']!r}; valid: preset, synthetic")
-    if int(s["steps"]) < 1 or int(s["warmup"]) < 0:
-        raise ValueError(f"need steps >= 1 and warmup >= 0, got {s['steps']}, {s['warmup']}")
-    over = _overrides(s)
+    modes = _check_settings(s)
     # one configuration per (micro-batch, checkpointing) pair; they differ in those two keys only
     configs = [_build_config(s, mb, ck)
                for mb, ck in itertools.product(micro_batches(s["micro_batch"]), checkpointings(s["checkpointing"]))]
     cfg = configs[0]
     device = resolve_device(cfg.device)
-    stream = streams(cfg)
-    prev_threads = torch.get_num_threads()
-    prev_bench = torch.backends.cudnn.benchmark
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if s["cudnn_benchmark"] is not None:
-        torch.backends.cudnn.benchmark = bool(s["cudnn_benchmark"])
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True   # as the trainer
-    if device.type == "cpu":
-        keep_freed_memory()   # as the trainer
-    try:
-        ds = _load_train_set(cfg, stream)
-        if not stream and data_on_device(cfg, device):
-            ds = ds.to(device)
-        if len(ds) < cfg.train.batch_size:
-            raise ValueError(f"dataset has {len(ds)} images, fewer than train.batch_size={cfg.train.batch_size}")
+    stream = uses_stream(cfg.data)
+    with _torch_settings(cfg, device, s["cudnn_benchmark"]) as prev_threads:
+        ds = _train_set(cfg, device, stream)
         amp = autocast_dtype(cfg, device)
         env = Env(rank=0, local_rank=0, world=1, device=device, amp=amp)
-        rows, size = [], None
-        if device.type == "cpu" and modes:   # see the note below: every timed mode then finds a warm heap
-            _measure_mode(modes[0], cfg, ds, env, 0, max(1, int(s["warmup"])), notes, prime_only=True)
-        for c in configs:
-            for mode in modes:
-                r, size = _measure_mode(mode, c, ds, env, int(s["steps"]), int(s["warmup"]), notes)
-                rows.append(dict(mode=mode, method=c.method, backbone=c.model.backbone, image_size=size,
-                                 batch=c.train.batch_size, micro_batch=c.train.micro_batch,
-                                 checkpointing=bool(c.model.checkpointing), **r))
-                progress("throughput", mode=mode, micro_batch=c.train.micro_batch or "all",
-                         checkpointing="on" if c.model.checkpointing else "off", views_per_s=r["views_per_s"],
-                         peak_mem_mib=r["peak_mem_mib"], tensor_peak_mib=r["tensor_peak_mib"] or 0.0)
-    finally:
-        torch.set_num_threads(prev_threads)
-        torch.backends.cudnn.benchmark = prev_bench
-    backbone = build_method(cfg).backbone   # a fresh copy for counting (same architecture)
-    flops = {v: count_backbone_flops(backbone, v) for r in rows for v in set(r["view_sizes"])}
-    for r in rows:
-        sizes = r["view_sizes"]
-        per_image = 3 * sum(flops[v] for v in r.pop("trained_views")) + sum(flops[v] for v in r.pop("forward_views"))
-        r["gflop_per_view"] = flops[sizes[0]] / 1e9
-        r["gflop_per_step"] = per_image * r["batch"] / 1e9
-        r["tflops"] = r["gflop_per_step"] * r["views_per_s"] / (r["batch"] * r["n_views"]) / 1e3
-    if any(c.model.checkpointing for c in configs):
-        notes.append("checkpointing: the backbone's stages run forward again in the backward (about 1/3 more "
-                     "backbone compute); tflops counts the model's FLOPs, not the recomputation")
-    notes.append("tflops = counted backbone FLOPs (FlopCounterMode, one forward, x3 for forward+backward of each "
-                 "trained view; MoCo: x3 for the query view(s), x1 for the key encoder's view(s)) x steps/s; "
-                 "the projection head, the loss, the optimiser and the augmentation are not counted, and x3 slightly "
-                 "overstates the backward of the first conv (no input gradient)")
-    if device.type == "cuda":
-        notes.append("ms/step and data share from CUDA events between the parts (no extra host sync); views/s from "
-                     "the wall clock over the timed steps; peak_mem_mib = torch.cuda.max_memory_allocated over the "
-                     "timed steps (weights, optimiser state, dataset on device and activations)")
-    else:
-        with StepRss(restore=keep_freed_memory) as m:
-            pass
-        if m.ok:
-            notes.append("CPU: peak_mem_mib = the peak RSS growth of one more, untimed step after the timed ones "
-                         "(data part + training step: activations, gradients, temporaries) above the resident "
-                         "model and optimiser state: freed heap memory given back to the OS (malloc_trim), blocks "
-                         ">= 64 KiB mmapped so that a freed tensor leaves the RSS, and the kernel's high-water mark "
-                         "reset (/proc/self/clear_refs) before it; VmHWM after it minus the RSS before it. "
-                         "Comparable between rows; not the process's total (max_rss_mib); about +-10% between runs")
-        else:
-            notes.append("CPU: peak_mem_mib = increase of the process RSS (sampled every 5 ms) over its value before "
-                         "the mode's model was built; coarse (the allocator keeps freed memory)")
-        notes.append("CPU: tensor_peak_mib (tensor MiB) = the peak of the tensor bytes allocated at once during one "
-                     "more step, from the profiler's memory timeline (torch.profiler, profile_memory): activations, "
-                     "gradients and temporaries above the resident model and optimiser state, without the "
-                     "allocator's overhead and the noise of the RSS: the CPU counterpart of CUDA's peak")
-        notes.append("CPU: an untimed priming run (build + warm-up of the first mode) comes first, so every timed mode "
-                     "finds the heap that an earlier run left: in a fresh process glibc malloc gives large freed "
-                     "blocks back to the OS and each step page-faults them in again (minor_faults_per_step; "
-                     "10-15% of the step for simclr-fmnist-cpu on 2 cores)")
-    if "pipeline" in modes and not stream and cfg.data.name == "synthetic":
-        notes.append("pipeline data: the procedural `synthetic` set (3-channel, in memory) at the requested size, "
-                     "not the preset's dataset")
-    notes.append("not measured: DDP, the trainer's non-finite guard (host sync per step when train.nonfinite != "
-                 "stop), logging, checkpoints, the kNN monitor")
-    if cfg.train.compile and int(s["warmup"]) == 0:
-        notes.append("compile=true with warmup=0: compilation happens in the timed steps")
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in s.items()}
-    config.update(overrides=over, micro_batch=list(dict.fromkeys(c.train.micro_batch for c in configs)),
-                  checkpointing=list(dict.fromkeys(bool(c.model.checkpointing) for c in configs)),
-                  method=cfg.method, backbone=cfg.model.backbone, cifar_stem=cfg.model.cifar_stem,
-                  width=cfg.model.width if cfg.model.backbone == "resnet_small" else None,
-                  batch=cfg.train.batch_size, image_size=size, dataset=cfg.data.name, stream=stream,
-                  dataset_size=len(ds), optimizer=cfg.train.optimizer, device=str(device),
-                  device_name=device_name(device), torch=torch.__version__,
-                  precision=str(amp).replace("torch.", "") if amp is not None else "fp32",
-                  compile=bool(cfg.train.compile), channels_last=bool(cfg.train.channels_last),
-                  cudnn_benchmark=torch.backends.cudnn.benchmark if s["cudnn_benchmark"] is None
-                  else bool(s["cudnn_benchmark"]),
-                  threads=(cfg.train.threads or prev_threads) if device.type == "cpu" else None,
-                  max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return rows, config
+        rows, size = _measure_rows(s, configs, modes, ds, env, notes)
+    _add_flops(rows, cfg)
+    _add_notes(notes, s, cfg, configs, modes, device, stream)
+    run = dict(size=size, ds=ds, stream=stream, device=device, amp=amp, prev_threads=prev_threads)
+    return rows, _resolved_config(s, configs, run)
 
 
 COLUMNS = [("mode", 9, "mode"), ("method", 8, "method"), ("backbone", 12, "backbone"), ("size", 4, "image_size"),

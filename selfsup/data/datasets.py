@@ -29,9 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import DEFAULT_INDEX_CACHE
 from ..errors import DatasetFormatError, DatasetNotFoundError
-from .files import open_imagefolder, open_imagenet_zip
+from .files import DEFAULT_INDEX_CACHE, open_imagefolder, open_imagenet_zip
 from .images import IMAGE_EXTENSIONS, ImageDataset, require_labels
 
 __all__ = [
@@ -526,7 +525,7 @@ def load_stl10(split: str, root: str | None = None, download: bool = False,
 def load_imagefolder(split: str, root: str | None = None, download: bool = False,
                      image_size: int | None = None, on_error: str = "raise",
                      num_workers: int | None = None, file_list: str | None = None,
-                     index_cache: str | None = DEFAULT_INDEX_CACHE) -> ImageDataset:
+                     index_cache: str | None = DEFAULT_INDEX_CACHE, labels: str = "auto") -> ImageDataset:
     """Images from a folder, decoded into memory. Returns images uint8 (N, 3, H, W), H = W = image_size if given.
 
     The split folder is root/<split> (test also accepts root/val); for "train"
@@ -535,9 +534,10 @@ def load_imagefolder(split: str, root: str | None = None, download: bool = False
     images found recursively); otherwise the images directly in it form an
     unlabelled set (labels -1, classes []). `file_list` (a path; "{split}" is
     replaced by the split) lists "path[<TAB>label]" lines instead. The file index
-    is cached in `index_cache` (see selfsup.data.files).
+    is cached in `index_cache` (see selfsup.data.files). `labels="none"`: every image
+    found below the split folder, unlabelled, whatever its sub-folders.
     """
-    return open_imagefolder(root, split, file_list, index_cache).to_memory(image_size, on_error, num_workers)
+    return open_imagefolder(root, split, file_list, index_cache, labels).to_memory(image_size, on_error, num_workers)
 
 
 @register_dataset("imagenet-zip", splits=("train", "test"))

@@ -9,6 +9,7 @@ class names, and a *store* that turns a key into bytes. It is what the loader's 
 Layouts::
 
     imagefolder   ROOT/train/<class>/**/*.jpg  (or ROOT/<class>/..., or flat files: unlabelled)
+                  data.labels=none: every image below ROOT (or ROOT/train), unlabelled, whatever the folders
                   ROOT/val/<class>/... (test split), or data.file_list=LIST (lines "path[<TAB>label]")
     imagenet-zip  ROOT/train.zip, ROOT/train_map.txt, ROOT/val.zip, ROOT/val_map.txt;
                   each map line "relative/path.JPEG<TAB>label"
@@ -39,15 +40,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..config import DEFAULT_INDEX_CACHE
 from ..errors import DatasetFormatError, DatasetNotFoundError
 from .images import IMAGE_EXTENSIONS, ImageDataset
 
 __all__ = ["FileImageSet", "FolderStore", "ZipStore", "index_folder", "read_file_list", "read_map",
-           "open_imagefolder", "open_imagenet_zip", "decode_bytes", "CACHE_MODES"]
+           "open_imagefolder", "open_imagenet_zip", "decode_bytes", "CACHE_MODES", "DEFAULT_INDEX_CACHE",
+           "STREAMABLE"]
 
 INDEX_VERSION = 2   # 2: symlinked folders listed once (a version-1 index may hold loop duplicates)
 CACHE_MODES = ("none", "full", "part")
+DEFAULT_INDEX_CACHE = "~/.cache/selfsup/index"   # where imagefolder file indexes go (config: data.index_cache)
+STREAMABLE = ("imagefolder", "imagenet-zip")     # the file-backed sets: read from files step by step or decoded
 
 
 def _is_image(fname: str) -> bool:
@@ -209,9 +212,16 @@ def _times_unchanged(folder: str, times: dict[str, int]) -> bool:
         return False
 
 
-def _walk_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
+def _walk_folder(folder: str, labelled: bool = True) -> tuple[list[str], list[int], list[str]]:
     """(relative paths, labels, classes): class sub-folders (images found recursively) give labels
-    0..C-1 in sorted order; with none, the images directly in `folder` are unlabelled (-1)."""
+    0..C-1 in sorted order; with none, the images directly in `folder` are unlabelled (-1).
+    `labelled=False` (data.labels=none): every image in `folder` and below, unlabelled, no classes."""
+    if not labelled:
+        keys = []
+        for dirpath, fnames in _walk_once(folder, {os.path.realpath(folder)}):
+            rel = os.path.relpath(dirpath, folder)
+            keys.extend(os.path.normpath(os.path.join(rel, f)) for f in fnames if _is_image(f))
+        return keys, [-1] * len(keys), []
     subdirs = sorted(d for d in os.listdir(folder) if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
     keys, labels, classes = [], [], []
     # a class folder is listed only under its own name (a symlink to it from elsewhere is skipped)
@@ -236,15 +246,18 @@ def _walk_folder(folder: str) -> tuple[list[str], list[int], list[str]]:
     return keys, labels, classes
 
 
-def index_folder(folder: str, cache_dir: str | None = DEFAULT_INDEX_CACHE, rebuild: bool = False) -> dict:
+def index_folder(folder: str, cache_dir: str | None = DEFAULT_INDEX_CACHE, rebuild: bool = False,
+                 labelled: bool = True) -> dict:
     """The file index of `folder`: {"keys", "labels", "classes", "cached"} (cached: read from the
     index cache). With `cache_dir` (None: no cache) the index is stored as JSON named by the
-    folder's absolute path and reused while no folder below `folder` changed."""
+    folder's absolute path and reused while no folder below `folder` changed. `labelled=False`:
+    every image below `folder`, unlabelled (data.labels=none; cached under its own name)."""
     folder = os.path.abspath(folder)
     path = None
     if cache_dir:
         cache_dir = os.path.expanduser(str(cache_dir))
-        path = os.path.join(cache_dir, hashlib.sha1(folder.encode()).hexdigest()[:20] + ".json")
+        name = hashlib.sha1(folder.encode()).hexdigest()[:20] + ("" if labelled else "-unlabelled")
+        path = os.path.join(cache_dir, name + ".json")
         if not rebuild and os.path.isfile(path):
             try:
                 with open(path) as f:
@@ -255,7 +268,7 @@ def index_folder(folder: str, cache_dir: str | None = DEFAULT_INDEX_CACHE, rebui
             except (OSError, ValueError, KeyError):
                 pass   # unreadable or stale cache: rebuild it
     times = _dir_times(folder)
-    keys, labels, classes = _walk_folder(folder)
+    keys, labels, classes = _walk_folder(folder, labelled)
     if path and _times_unchanged(folder, times):   # the tree did not change while it was listed
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
@@ -455,11 +468,16 @@ def _split_folder(root: str, split: str) -> str:
 
 
 def open_imagefolder(root: str | None, split: str, file_list: str | None = None,
-                     index_cache: str | None = DEFAULT_INDEX_CACHE) -> FileImageSet:
-    """The image-folder (or file-list) set of `split`; see the module docstring for the layout."""
+                     index_cache: str | None = DEFAULT_INDEX_CACHE, labels_mode: str = "auto") -> FileImageSet:
+    """The image-folder (or file-list) set of `split`; see the module docstring for the layout.
+    `labels_mode` "none" (data.labels=none): every image found below the split folder (or every line of
+    the list), unlabelled: sub-folders are not classes, a list's labels are ignored."""
+    labelled = labels_mode != "none"
     if file_list:
         lst = file_list.format(split=split)
         keys, labels = read_file_list(lst)
+        if not labelled:
+            labels = [-1] * len(labels)
         base = os.path.dirname(os.path.abspath(lst))
         keys = [k if os.path.isabs(k) else os.path.join(base, k) for k in keys]
         return FileImageSet(FolderStore(""), keys, labels, _classes_for(keys, labels), f"imagefolder/{split}", lst)
@@ -470,10 +488,10 @@ def open_imagefolder(root: str | None, split: str, file_list: str | None = None,
     if not os.path.isdir(root):
         raise DatasetNotFoundError(f"imagefolder root {root} does not exist or is not a folder")
     folder = _split_folder(root, split)
-    idx = index_folder(folder, index_cache)
+    idx = index_folder(folder, index_cache, labelled=labelled)
     if not idx["keys"]:
-        raise ValueError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder} "
-                         "or its class sub-folders")
+        raise DatasetFormatError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder} "
+                                 + ("or its class sub-folders" if labelled else "or below it"))
     return FileImageSet(FolderStore(folder), idx["keys"], idx["labels"], idx["classes"], f"imagefolder/{split}",
                         folder)
 

@@ -48,10 +48,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at '{path}'. Is this a run directory of `selfsup train`?")
+    fix = ("copy the file again or restore it from a backup, or point to another checkpoint; a run whose only "
+           "checkpoint is lost starts over (remove its folder or choose another run_dir=...)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint '{path}' is empty (0 bytes): a copy or save that did not finish "
+                              f"truncated it: {fix}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated, or not a checkpoint
-        raise CheckpointError(f"could not read checkpoint '{path}': {e}") from e
+        why = str(e).strip().rstrip(".") or f"{type(e).__name__}: the file ends early (truncated) or is not a torch " \
+            "checkpoint"
+        raise CheckpointError(f"could not read checkpoint '{path}': {why}; {fix}") from e
 
 
 def load_state_checked(module: torch.nn.Module, state: dict, what: str) -> None:
@@ -126,16 +133,15 @@ def _restore_rng(s: RunState, rng: dict, device: torch.device) -> None:
                 saved_on, here = f"{len(cuda)} GPUs", f"{torch.cuda.device_count()} GPUs"
     aug_states, world = rng.get("aug_all") or [rng["aug"]], D.world_size()
     if len(aug_states) != world:
-        if D.rank() == 0:
-            print(f"[selfsup] resuming on {world} processes from a run on {len(aug_states)}: "
-                  "augmentation streams are re-seeded, so the resume is not bit-exact")
+        D.say(f"resuming on {world} processes from a run on {len(aug_states)}: "
+              "augmentation streams are re-seeded, so the resume is not bit-exact")
     elif aug_on != s.aug_gen.device.type:
         s.aug_gen.manual_seed(_seed_from("aug", s.step, aug_states[D.rank()]))
         reseeded.insert(0, "the augmentation stream")
     else:
         s.aug_gen.set_state(aug_states[D.rank()].to(s.aug_gen.get_state().device))
-    if reseeded and D.rank() == 0:
-        print(f"[selfsup] checkpoint written on {saved_on}, resuming on {here}: {' and '.join(reseeded)} "
+    if reseeded:
+        D.say(f"checkpoint written on {saved_on}, resuming on {here}: {' and '.join(reseeded)} "
               f"{'is' if len(reseeded) == 1 else 'are'} re-seeded; the run continues but is not "
               "bit-identical to an uninterrupted one")
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import uses_stream
 from ..data.augment import augment_from_config
 from ..data.loader import StreamLoader
 from ..data.samplers import build_index_schedule
-from ..data.splits import load_split, streams
+from ..data.splits import load_split
 from ..errors import ConfigError
 from .setup import Env, data_on_device
 
@@ -43,7 +44,7 @@ class TrainData:
 
     def __init__(self, cfg, env: Env, ds=None):
         d, t = cfg.data, cfg.train
-        self.cfg, self.env, self.stream = cfg, env, streams(cfg)
+        self.cfg, self.env, self.stream = cfg, env, uses_stream(cfg.data)
         self.ds = ds if ds is not None else load_split(cfg, d.train_split, self.stream)
         if not self.stream and data_on_device(cfg, env.device):
             self.ds = self.ds.to(env.device)

@@ -5,24 +5,31 @@ One detector run lives in its own folder (RUN_DIR/eval/detection/<init>/): check
 autocast dtype come from `setup_env` (train.precision, train.threads; bf16 on a GPU, applied to the
 backbone and FPN only); SIGTERM / SIGINT finish the iteration, checkpoint and exit 75 / 130
 (`StopSignals`, `TrainingStopped`, as training does; under
-torchrun the ranks agree at every eval.det_log_every iteration). A folder holding a checkpoint is
+torchrun the ranks agree at every det.log_every iteration). A folder holding a checkpoint is
 resumed; the resume is exact because every random draw of an iteration (the images it reads, their
 flips, the training scale, the RPN / RoI sampling) comes from a seed of (eval.seed, iteration, rank),
-so model, optimiser and schedule are the whole state.
+so model, optimiser and schedule are the whole state. The checkpoint records the encoder it started
+from (a hash of its weights, :func:`encoder_digest`): a folder holding another encoder's detector (the
+run's encoder changed since, or another run's) is refused, not resumed; `restart` discards it.
+Both data splits are read and checked before the first iteration (data.on_error: raise | skip), and
+:func:`folder_lock` keeps a second `eval detection` out of a folder in use.
 
 Schedule (:func:`det_schedule`): MoCo's VOC schedule, 24k iterations at batch 16, lr 0.02, x0.1 at
-18k and 22k, 100 warm-up iterations (linear from lr / 1000), scaled linearly to eval.det_batch_size.
+18k and 22k, 100 warm-up iterations (linear from lr / 1000), scaled linearly to det.batch_size.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from ..config import DET_RENAMED
 from ..data.detection import detection_sets
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..eval.detection import build_detector, detection_scores, set_test_size
@@ -33,20 +40,19 @@ from .logging import MetricLogger
 from .setup import setup_env
 from .signals import StopSignals, stopped
 
-__all__ = ["det_protocol", "det_schedule", "run_detection"]
+__all__ = ["det_protocol", "det_schedule", "encoder_digest", "folder_lock", "run_detection"]
 
-# eval.det_* keys that may change when a detector run resumes (paths, workers, logging)
-RESUME_MAY_CHANGE = ("det_root", "det_ann", "det_test_ann", "det_num_workers", "det_log_every",
-                     "det_checkpoint_every")
+# det.* keys that may change when a detector run resumes (paths, workers, logging)
+RESUME_MAY_CHANGE = ("root", "ann", "test_ann", "num_workers", "log_every", "checkpoint_every")
 
 
-def det_schedule(e) -> dict:
-    """{iters, lr, steps (iterations where the lr drops x0.1), warmup, batch} of the eval section `e`."""
-    b = e.det_batch_size
-    iters = e.det_iters if e.det_iters is not None else max(1, round(24000 * 16 / b))
-    lr = e.det_lr if e.det_lr is not None else 0.02 * b / 16
-    warmup = e.det_warmup_iters if e.det_warmup_iters is not None else round(100 * 16 / b)
-    return {"iters": iters, "lr": lr, "steps": [round(f * iters) for f in e.det_steps], "warmup": warmup, "batch": b}
+def det_schedule(d) -> dict:
+    """{iters, lr, steps (iterations where the lr drops x0.1), warmup, batch} of the det section `d`."""
+    b = d.batch_size
+    iters = d.iters if d.iters is not None else max(1, round(24000 * 16 / b))
+    lr = d.lr if d.lr is not None else 0.02 * b / 16
+    warmup = d.warmup_iters if d.warmup_iters is not None else round(100 * 16 / b)
+    return {"iters": iters, "lr": lr, "steps": [round(f * iters) for f in d.steps], "warmup": warmup, "batch": b}
 
 
 def _lr_factor(s: dict):
@@ -90,19 +96,55 @@ def _collate(batch):
     return tuple(zip(*batch))
 
 
-def _det_config(e) -> dict:
-    return {k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in e.items()
-            if str(k).startswith("det_")}
+def encoder_digest(encoder: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) of the encoder's state dict: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for k, v in sorted(encoder.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
 
 
-def _check_resume(saved: dict, now: dict, init: str, ck_init: str, path: Path) -> None:
+@contextmanager
+def folder_lock(folder: Path):
+    """An exclusive lock (fcntl.flock) on FOLDER/.detection.lock for the block: a second `eval detection`
+    on the folder is refused. The kernel releases it when the process ends, however it ends."""
+    import fcntl
+
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {folder} is a file; --out takes a folder (new or existing) to write into")
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".detection.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{folder} is in use by another `selfsup eval detection` (it holds {lock}): wait "
+                              "for it to end, or give another --out") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_resume(ck: dict, now: dict, init: str, encoder: dict, path: Path) -> None:
+    saved, was = ck.get("det_config", {}), ck.get("encoder", {})
+    saved = {DET_RENAMED.get(k, k): v for k, v in saved.items()}   # older selfsup stored eval.det_<key> names
+    fix = f"give a new --out, or add --restart to discard {path.parent.parent} and train from the start"
+    if was.get("sha256") != encoder["sha256"]:
+        old = (f"{was.get('source')} (weights {was.get('sha256')})" if was else
+               "an encoder it does not record (written by an older selfsup)")
+        raise CheckpointError(f"{path} holds a detector trained from {old}, not from {encoder['source']} "
+                              f"(weights {encoder['sha256']}); resuming it would file its numbers under the "
+                              f"wrong encoder: {fix}")
     diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
-    if ck_init != init:
-        diff.insert(0, f"init: {ck_init} -> {init}")
+    if ck.get("init", "?") != init:
+        diff.insert(0, f"init: {ck.get('init', '?')} -> {init}")
     if diff:
         raise CheckpointError(f"{path} was written with other detection settings; to resume, keep them "
-                              f"({'; '.join(diff)}), or remove {path.parent.parent} to start over")
+                              f"({'; '.join(diff)}), or {fix}")
 
 
 def _flip(images: list, targets: list) -> None:
@@ -116,63 +158,69 @@ def _flip(images: list, targets: list) -> None:
 
 
 def run_detection(cfg, encoder: torch.nn.Module, out_dir: str | Path, init: str, encoder_text: str,
-                  on_iteration=None) -> dict | None:
-    """Train a Faster R-CNN on `encoder` (eval.det_*), test it, return the scores (rank 0; None elsewhere).
+                  on_iteration=None, restart: bool = False) -> dict | None:
+    """Train a Faster R-CNN on `encoder` (cfg.det), test it, return the scores (rank 0; None elsewhere).
 
     out_dir: this detector's folder (resumed when it holds a checkpoint). init: "ssl" or "random" (for
     the record and the resume check). encoder_text: where the backbone came from, for the protocol.
-    on_iteration(it): called after each iteration (tests send themselves a signal from it)."""
-    e, env = cfg.eval, setup_env(cfg)
-    if e.det_batch_size % env.world:
-        raise ConfigError(f"eval.det_batch_size={e.det_batch_size} is not divisible by the number of processes "
-                          f"{env.world}")
-    sched_cfg = det_schedule(e)
+    on_iteration(it): called after each iteration (tests send themselves a signal from it). restart:
+    discard a detector already in out_dir (else resumed; refused when its encoder or settings differ)."""
+    d, seed, env = cfg.det, cfg.eval.seed, setup_env(cfg)
+    if d.batch_size % env.world:
+        raise ConfigError(f"det.batch_size={d.batch_size} is not divisible by the number of processes {env.world}")
+    sched_cfg = det_schedule(d)
     out = Path(out_dir)
     ckpt_path = out / "checkpoints" / "last.pt"
-    train_ds, test_ds = detection_sets(e)
+    train_ds, test_ds = detection_sets(d, cfg.data.on_error)
+    for line in (train_ds.skipped, test_ds.skipped):
+        if line:
+            D.say(f"detection data: {line}")
     if len(train_ds) == 0 or len(test_ds) == 0:
         raise ConfigError(f"the detection sets are empty (train {len(train_ds)}, test {len(test_ds)} images)")
-    torch.manual_seed(_seed("det-init", e.seed))
-    model = build_detector(encoder, len(train_ds.classes), norm=e.det_norm, trainable_layers=e.det_trainable_layers,
-                           min_sizes=list(e.det_min_sizes), max_size=e.det_max_size, test_size=e.det_test_size,
-                           fpn_channels=e.det_fpn_channels, head_dim=e.det_head_dim, rois=e.det_rois,
-                           proposals=e.det_proposals, anchor_sizes=list(e.det_anchor_sizes),
+    torch.manual_seed(_seed("det-init", seed))
+    model = build_detector(encoder, len(train_ds.classes), norm=d.norm, trainable_layers=d.trainable_layers,
+                           min_sizes=list(d.min_sizes), max_size=d.max_size, test_size=d.test_size,
+                           fpn_channels=d.fpn_channels, head_dim=d.head_dim, rois=d.rois,
+                           proposals=d.proposals, anchor_sizes=list(d.anchor_sizes),
                            amp=env.amp).to(env.device)
-    if env.world > 1 and env.device.type == "cuda" and e.det_norm == "sync":
+    if env.world > 1 and env.device.type == "cuda" and d.norm == "sync":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = model
     if env.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=sched_cfg["lr"], momentum=0.9, weight_decay=e.det_weight_decay)
+    opt = torch.optim.SGD(params, lr=sched_cfg["lr"], momentum=0.9, weight_decay=d.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(sched_cfg))
-    it, elapsed, now_cfg = 0, 0.0, _det_config(e)
+    it, elapsed, now_cfg = 0, 0.0, OmegaConf.to_container(d)
+    source = {"sha256": encoder_digest(encoder), "source": encoder_text}
     logger = MetricLogger(out, enabled=env.main)
-    if ckpt_path.is_file():
+    if ckpt_path.is_file() and not restart:
         ck = load_checkpoint(ckpt_path)
-        _check_resume(ck.get("det_config", {}), now_cfg, init, ck.get("init", "?"), ckpt_path)
+        _check_resume(ck, now_cfg, init, source, ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         it, elapsed = ck["iteration"], ck["elapsed"]
         logger.truncate_lines(ck["log_lines"])
-        if env.main:
-            print(f"[selfsup] detection ({init}): resumed {out} at iteration {it} of {sched_cfg['iters']}")
+        D.say(f"detection ({init}): resumed {out} at iteration {it} of {sched_cfg['iters']}")
     else:
+        if restart and env.main:
+            ckpt_path.unlink(missing_ok=True)   # a stop before the first checkpoint must not resume the old one
         logger.truncate_lines(0)
 
     def checkpoint() -> None:
         if env.main:
-            save_checkpoint({"format": 1, "kind": "detection", "init": init, "det_config": now_cfg,
+            save_checkpoint({"format": 1, "kind": "detection", "init": init, "encoder": source,
+                             "det_config": now_cfg,
                              "model": model.state_dict(), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "iteration": it, "elapsed": elapsed,
                              "log_lines": logger.lines()}, ckpt_path)
 
     loader = torch.utils.data.DataLoader(
-        train_ds, batch_sampler=_StepBatches(len(train_ds), e.det_batch_size, env.rank, env.world, e.seed, it,
+        train_ds, batch_sampler=_StepBatches(len(train_ds), d.batch_size, env.rank, env.world, seed, it,
                                              sched_cfg["iters"]),
-        num_workers=e.det_num_workers, collate_fn=_collate)
+        num_workers=d.num_workers, collate_fn=_collate)
     iters_here, t0 = 0, time.perf_counter()
     bar = Progress(sched_cfg["iters"], f"detection ({init})", initial=it, enabled=env.main, unit="iteration")
     net.train()
@@ -180,7 +228,7 @@ def run_detection(cfg, encoder: torch.nn.Module, out_dir: str | Path, init: str,
     with StopSignals() as stop:
         for images, targets in loader:
             t_it = time.perf_counter()
-            torch.manual_seed(_seed("det-step", e.seed, it, env.rank))
+            torch.manual_seed(_seed("det-step", seed, it, env.rank))
             images = [im.to(env.device).float().div_(255) for im in images]
             targets = [{"boxes": t["boxes"].to(env.device), "labels": t["labels"].to(env.device)} for t in targets]
             _flip(images, targets)
@@ -191,8 +239,8 @@ def run_detection(cfg, encoder: torch.nn.Module, out_dir: str | Path, init: str,
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if not finite:
                 raise NonFiniteLossError(f"detection loss is {loss.item()} at iteration {it} (on this or another "
-                                         f"rank): lower eval.det_lr (now {sched_cfg['lr']:g}) or raise "
-                                         "eval.det_warmup_iters")
+                                         f"rank): lower det.lr (now {sched_cfg['lr']:g}) or raise "
+                                         "det.warmup_iters")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -200,17 +248,17 @@ def run_detection(cfg, encoder: torch.nn.Module, out_dir: str | Path, init: str,
             it += 1
             iters_here += 1
             elapsed += time.perf_counter() - t_it
-            if it % e.det_log_every == 0 or it == sched_cfg["iters"]:
+            if it % d.log_every == 0 or it == sched_cfg["iters"]:
                 logger.log({"event": "det_train", "init": init, "step": it, "loss": loss.item(),
                             **{k: v.item() for k, v in losses.items()}, "lr": opt.param_groups[0]["lr"],
                             "s_per_iter": elapsed / max(it, 1)})
                 bar.set(loss=loss.item(), lr=opt.param_groups[0]["lr"])
             bar.update()
-            if it % e.det_checkpoint_every == 0:
+            if it % d.checkpoint_every == 0:
                 checkpoint()
             if on_iteration is not None:
                 on_iteration(it)
-            if (env.world == 1 or it % e.det_log_every == 0) and (signum := stop.agreed(env.device)):
+            if (env.world == 1 or it % d.log_every == 0) and (signum := stop.agreed(env.device)):
                 bar.close()
                 checkpoint()
                 logger.close()
@@ -219,14 +267,14 @@ def run_detection(cfg, encoder: torch.nn.Module, out_dir: str | Path, init: str,
     bar.close()
     checkpoint()
     s_per_iter = (time.perf_counter() - t0) / iters_here if iters_here else None
-    scores = test_detector(model, test_ds, e.det_batch_size // env.world, env)
+    scores = test_detector(model, test_ds, d.batch_size // env.world, env)
     if not env.main:
         logger.close()
         return None
     res = {"init": init, **scores, "iters": sched_cfg["iters"], "batch": sched_cfg["batch"],
            "train_images": len(train_ds), "test_images": len(test_ds), "classes": len(train_ds.classes),
            "s_per_iter": s_per_iter if s_per_iter is not None else elapsed / max(it, 1),
-           "device": env.device.type, "processes": env.world}
+           "device": env.device.type, "processes": env.world, "encoder_sha256": source["sha256"]}
     res["protocol"] = det_protocol(cfg, sched_cfg, encoder_text)
     logger.log({"event": "det_test", "step": it, **{k: v for k, v in res.items() if k != "protocol"}})
     logger.close()
@@ -235,7 +283,7 @@ def run_detection(cfg, encoder: torch.nn.Module, out_dir: str | Path, init: str,
 
 @torch.no_grad()
 def test_detector(model, test_ds, batch: int, env) -> dict:
-    """Detections of `model` on this rank's share of `test_ds` (at eval.det_test_size), gathered on every
+    """Detections of `model` on this rank's share of `test_ds` (at det.test_size), gathered on every
     rank; the scores of :func:`detection_scores` (computed on rank 0, {} elsewhere)."""
     model.eval()
     set_test_size(model, True)
@@ -263,16 +311,16 @@ def test_detector(model, test_ds, batch: int, env) -> dict:
 
 def det_protocol(cfg, s: dict, encoder_text: str) -> str:
     """The protocol string stored beside every detection number."""
-    e = cfg.eval
-    data = (f"VOC{'+'.join(str(y)[2:] for y in e.det_years)} trainval -> VOC07 test" if e.det_data == "voc"
-            else f"COCO-format {Path(str(e.det_ann)).name} -> {Path(str(e.det_test_ann)).name}")
-    sizes = list(e.det_min_sizes)
+    d = cfg.det
+    data = (f"VOC{'+'.join(str(y)[2:] for y in d.years)} trainval -> VOC07 test" if d.data == "voc"
+            else f"COCO-format {Path(str(d.ann)).name} -> {Path(str(d.test_ann)).name}")
+    sizes = list(d.min_sizes)
     scale = f"{sizes[0]}-{sizes[-1]}" if len(sizes) > 1 else f"{sizes[0]}"
-    return (f"detection: torchvision Faster R-CNN, {cfg.model.backbone}-FPN ({e.det_fpn_channels} ch, box head "
-            f"{e.det_head_dim}, {e.det_rois} RoIs/img), backbone from {encoder_text}, norm {e.det_norm}, trainable "
-            f"layers {e.det_trainable_layers}; {data}; {s['iters']} iterations at batch {s['batch']}, SGD lr "
-            f"{s['lr']:g} (warm-up {s['warmup']}, x0.1 at {s['steps']}), wd {e.det_weight_decay:g}; train scale "
-            f"{scale} (max {e.det_max_size}) + flip, test {e.det_test_size}; AP = COCO-style mean over IoU 0.50:0.95, "
+    return (f"detection: torchvision Faster R-CNN, {cfg.model.backbone}-FPN ({d.fpn_channels} ch, box head "
+            f"{d.head_dim}, {d.rois} RoIs/img), backbone from {encoder_text}, norm {d.norm}, trainable "
+            f"layers {d.trainable_layers}; {data}; {s['iters']} iterations at batch {s['batch']}, SGD lr "
+            f"{s['lr']:g} (warm-up {s['warmup']}, x0.1 at {s['steps']}), wd {d.weight_decay:g}; train scale "
+            f"{scale} (max {d.max_size}) + flip, test {d.test_size}; AP = COCO-style mean over IoU 0.50:0.95, "
             "AP50 / AP75 (torchmetrics, pycocotools backend; difficult as iscrowd, ignored); voc07_ap50 / voc07_ap75 = "
             "VOC07 11-point AP at IoU 0.5 / 0.75, voc07_ap its mean over IoU 0.50:0.95 (detectron2's VOC AP50 / AP75 "
             "/ AP, as MoCo reports; difficult ignored)")

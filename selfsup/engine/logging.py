@@ -7,11 +7,12 @@ from pathlib import Path
 
 
 class MetricLogger:
-    """Appends events to RUN_DIR/metrics.jsonl and scalars to RUN_DIR/tensorboard/. No-op when disabled
-    (non-zero ranks)."""
+    """Appends events to RUN_DIR/metrics.jsonl and scalars to RUN_DIR/tensorboard/ (and to `trackers`,
+    W&B / MLflow, when given: the same scalars, and a "final" event as the run's summary). No-op when
+    disabled (non-zero ranks)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, enabled: bool = True, trackers=None):
+        self.enabled, self.trackers = enabled, trackers
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         if enabled:
@@ -39,10 +40,18 @@ class MetricLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
         step = event.get("step", 0)
-        for k, v in event.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
-                self.tb.add_scalar(k, v, step)
+        scalars = {k: v for k, v in event.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch")}
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        if self.trackers is not None:
+            self.trackers.log(scalars, step)
+            if event.get("event") == "final":
+                self.trackers.final(event)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None

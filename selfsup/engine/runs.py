@@ -9,10 +9,11 @@ Rules (rank 0 decides, every rank follows):
 - A default run directory ``runs/<preset>-<YYYYmmdd-HHMMSS>`` is made with an exclusive mkdir;
   a name already taken (two runs in the same second) becomes ``...-2``, ``...-3``, ...
 - A fresh run into a given ``run_dir`` needs it absent or empty; a non-empty one is refused
-  (continue it with ``--resume``, or pick another ``run_dir``, or remove it).
+  (continue it with ``--resume`` when it holds a checkpoint, or pick another ``run_dir``, or remove it).
 - ``train.resume=auto`` (CLI: ``--resume-if-exists``): a ``run_dir`` holding a checkpoint is resumed;
   otherwise the run starts fresh (into an absent or empty folder, or over the leftovers of a start of
-  the same run that never wrote a checkpoint). ``train.resume=never`` (the default): only ``--resume``.
+  the same run that never wrote a checkpoint); it needs a fixed ``run_dir`` (a new default folder at each
+  start would never be resumed). ``train.resume=never`` (the default): only ``--resume``.
 - A resume is checked before anything is written: only the keys of ``RESUME_MAY_CHANGE`` may differ
   from the config stored in the checkpoint; any other difference is refused with the list of them
   (``key: old -> new``) and the run directory is left byte-for-byte as it was.
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from ..config import Config
+from ..config import Config, migrate
 from ..errors import CheckpointError, ConfigError, SelfsupError
 from ..parallel import distributed as D
 from .checkpoint import load_checkpoint
@@ -47,10 +48,10 @@ RESUME_MAY_CHANGE = (
     "run_dir", "preset", "device",
     "train.epochs", "train.max_steps", "train.checkpoint_every", "train.log_every", "train.threads",
     "train.precision", "train.compile", "train.resume", "train.micro_batch", "model.checkpointing",
-    "train.nonfinite", "train.nonfinite_lr_factor", "train.nonfinite_max",
+    "train.nonfinite", "train.nonfinite_lr_factor", "train.nonfinite_max", "train.progress_s",
     "data.root", "data.download", "data.num_workers", "data.prefetch", "data.on_error", "data.index_cache",
     "data.cache_mode", "data.decode",
-    "eval.", "dist.",
+    "eval.", "det.", "log.", "dist.",
 )
 
 
@@ -74,7 +75,7 @@ def check_resume(cfg, saved_yaml: str, run_dir) -> None:
     """Raise ConfigError listing every key of `cfg` that differs from the run's saved config
     (`saved_yaml`, the copy inside its checkpoint) and may not change on resume."""
     try:
-        saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(saved_yaml))
+        saved = OmegaConf.merge(OmegaConf.structured(Config), migrate(OmegaConf.create(saved_yaml)))
     except Exception as e:   # noqa: BLE001 -- YAML or schema errors alike: the stored config is unusable
         raise CheckpointError(f"the config stored in {checkpoint_path(run_dir)} cannot be read: {e}") from None
     old, new = _flat(OmegaConf.to_container(saved)), _flat(OmegaConf.to_container(cfg))
@@ -159,24 +160,35 @@ def _decide(cfg, resume: str | None) -> tuple[str, dict | None, str | None]:
         check_resume(cfg, ckpt["config"], resume)
         return str(resume), ckpt, None
     if cfg.run_dir is None:
+        if cfg.train.resume == "auto":
+            raise ConfigError("train.resume=auto (--resume-if-exists) needs a fixed run_dir=...: without one every "
+                              "start makes a new runs/<preset>-<time> folder, so a requeued job would start again "
+                              "from step 0. Add run_dir=DIR, the same on every launch of the job")
         return str(_new_default_dir(cfg)), None, "dir"
     run_dir, auto = Path(cfg.run_dir), cfg.train.resume == "auto"
     if auto and checkpoint_path(run_dir).exists():
         ckpt = load_checkpoint(checkpoint_path(run_dir))
         check_resume(cfg, ckpt["config"], run_dir)
-        print(f"[selfsup] train.resume=auto: {run_dir} holds a checkpoint, resuming it")
+        D.say(f"train.resume=auto: {run_dir} holds a checkpoint, resuming it")
         return str(run_dir), ckpt, None
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir '{run_dir}' is a file, not a folder: choose another run_dir=...")
     if _non_empty(run_dir):
         if auto and (run_dir / "config.yaml").is_file():   # a start of this run killed before its first checkpoint
             check_resume(cfg, (run_dir / "config.yaml").read_text(), run_dir)
-            print(f"[selfsup] train.resume=auto: {run_dir} holds no checkpoint yet, starting it over")
+            D.say(f"train.resume=auto: {run_dir} holds no checkpoint yet, starting it over")
             return str(run_dir), None, None
-        what = "a checkpoint" if checkpoint_path(run_dir).exists() else "files of another run or other files"
-        raise ConfigError(f"run directory '{run_dir}' is not empty (it holds {what}): continue that run with "
-                          f"`selfsup train --resume {run_dir}` (or train.resume=auto), choose another run_dir=..., "
-                          f"or remove '{run_dir}'")
+        if checkpoint_path(run_dir).exists():
+            raise ConfigError(f"run directory '{run_dir}' is not empty (it holds a checkpoint): continue that run "
+                              f"with `selfsup train --resume {run_dir}` (or train.resume=auto), choose another "
+                              f"run_dir=..., or remove '{run_dir}'")
+        if (run_dir / "config.yaml").is_file():   # --resume would fail: there is no checkpoint to resume
+            raise ConfigError(f"run directory '{run_dir}' is not empty: it holds a run that stopped before its first "
+                              "checkpoint (config.yaml, no checkpoints/last.pt). Start it over in that folder with "
+                              "--resume-if-exists (train.resume=auto), choose another run_dir=..., or remove "
+                              f"'{run_dir}'")
+        raise ConfigError(f"run directory '{run_dir}' is not empty (it holds other files, no checkpoint): choose "
+                          f"another run_dir=..., or remove '{run_dir}'")
     if run_dir.is_dir():
         return str(run_dir), None, "contents"
     run_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,7 @@ def use_channels_last(cfg, model: nn.Module, device: torch.device) -> bool:
     if cfg.train.channels_last and device.type == "cpu" and any(
             isinstance(m, nn.Conv2d) and m.in_channels < 16 and m.kernel_size == (1, 1) and m.stride != (1, 1)
             for m in model.modules()):
-        print("[selfsup] train.channels_last off: a strided 1x1 conv with < 16 input channels crashes "
+        D.say("train.channels_last off: a strided 1x1 conv with < 16 input channels crashes "
               "oneDNN's channels-last backward on CPU")
         return False
     return bool(cfg.train.channels_last)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import check_micro_batch_bn
 from ..errors import ConfigError
 from ..methods import Method, build_method
 from ..methods.base import chunks
@@ -27,6 +28,8 @@ def build_model(cfg, num_samples: int, env: Env, encoder_state: dict | None = No
     (train.sync_bn; torch's SyncBatchNorm has no CPU kernel). `encoder_state`: the encoder starts from
     these weights (model.init_from)."""
     model = build_method(cfg, encoder_state, cfg.model.get("init_from") or "")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):   # a timm backbone's own
+        check_micro_batch_bn(cfg.train.micro_batch, f"{cfg.model.backbone} (it has BatchNorm layers)")
     model.setup(num_samples)   # per-instance state (InstDisc memory bank, PIC rows) sized from the dataset
     model = model.to(env.device)
     channels_last = use_channels_last(cfg, model, env.device)
@@ -130,6 +133,7 @@ class Step:
 
     def forward_backward(self, views: list, index: torch.Tensor) -> dict:
         """The method's outputs ("loss" and logged extras) for one batch; gradients accumulated."""
+        self.model.before_step(self.opt.param_groups[0]["lr"])   # the lr `update` will use (PIC's fused head)
         m, b = self.micro_batch, index.shape[0]
         if m is not None and m < b:
             return self._cached(views, index, chunks(b, m))
@@ -152,15 +156,16 @@ class Step:
         with self._autocast(views):
             ctx = model.prepare(views, index, chunk=self.micro_batch)
         if model.per_sample_loss:
-            loss, out = 0.0, {}
+            loss, out, emb = 0.0, {}, []
             for i, p in enumerate(parts):
                 reps = self._encode(views, index, p, i == len(parts) - 1)
+                emb.append(reps[0].detach())
                 with self._autocast(views):
                     out = model.loss(reps, ctx, index, p)
                 part_loss = out["loss"] * ((p.stop - p.start) / b)
                 part_loss.backward()
                 loss = loss + part_loss.detach()
-            return {**out, "loss": loss}
+            return {**out, "loss": loss, "embedding": torch.cat(emb)}
         dev = views[0].device
         rng = []
         self._bn.save()
@@ -181,7 +186,7 @@ class Step:
             _set_rng_state(dev, state)
             torch.autograd.backward(self._encode(views, index, p, i == len(parts) - 1), [g[p] for g in grads])
         _set_rng_state(dev, end)
-        return {**out, "loss": out["loss"].detach()}
+        return {**out, "loss": out["loss"].detach(), "embedding": reps[0].detach()}
 
     def update(self) -> None:
         """Apply the step: optimiser, the method's own parameters at the lr the optimiser used, the

@@ -30,6 +30,7 @@ from ..eval.monitor import monitor_eval
 from ..parallel import distributed as D
 from ..progress import Progress
 from .checkpoint import RunState, capture, load_checkpoint, restore, save_checkpoint
+from .collapse import CollapseAlarm, embedding_stats
 from .data import TrainData
 from .export import export_encoder, read_export
 from .guard import BNSnapshot, all_finite, check_params, nonfinite_error, scale_lr
@@ -37,6 +38,7 @@ from .logging import MetricLogger
 from .runs import checkpoint_path, open_run
 from .setup import setup_env
 from .signals import StopSignals, stopped
+from .trackers import Trackers, check_trackers
 from .step import Step, build_model, check_input_size, make_optimizer, micro_batch_line, wrap_model
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "export_encoder"]
@@ -54,11 +56,14 @@ def train(cfg: DictConfig, resume: str | None = None) -> dict:
     except RuntimeError as e:
         if isinstance(e, SelfsupError) or not (D.is_dist() and D.is_timeout(e)):
             raise
+        then = (f"resume from the last checkpoint with `selfsup train --resume {cfg.run_dir}`"
+                if cfg.run_dir and checkpoint_path(cfg.run_dir).exists() else
+                "start the run again (it has no checkpoint yet: --resume-if-exists starts it over in its run_dir)")
         raise CollectiveTimeoutError(
             f"a collective did not complete within dist.timeout_s={cfg.dist.timeout_s:g} s: a rank is stuck or dead "
             f"(rank {D.rank()} of {D.world_size()} gave up waiting). Look at the other ranks and their nodes, then "
-            "resume from the last checkpoint with `selfsup train --resume RUN_DIR`; raise dist.timeout_s if one "
-            "rank legitimately works alone that long (a slow checkpoint save or kNN monitor).") from None
+            f"{then}; raise dist.timeout_s if one rank legitimately works alone that long (a slow checkpoint save "
+            "or kNN monitor).") from None
     finally:
         if owns_group:
             D.cleanup_distributed()
@@ -72,6 +77,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, resume: str | None = None):
         self.cfg, self.env = cfg, setup_env(cfg)
         validate(cfg, self.env.world)
+        check_trackers(cfg)
         run = open_run(cfg, resume, self.env.main)   # refusals come before anything is written
         self.run_dir = run.dir
         try:
@@ -88,7 +94,7 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         init_from = cfg.model.get("init_from")   # a fresh run from an exported encoder; a resume has its own
-        init = read_export(init_from) if init_from and ckpt is None else None
+        init = read_export(init_from, cfg) if init_from and ckpt is None else None
         self.data = TrainData(cfg, self.env)
         self.eval_data = self._eval_data()
         self.model, self.channels_last = build_model(cfg, len(self.data.ds), self.env, init)
@@ -96,7 +102,8 @@ class Trainer:
         opt, sched = make_optimizer(self.model, cfg, self.data.steps_per_epoch)
         self.state = RunState(self.model, opt, sched, self.data.sampler, self.data.aug_gen,
                               self.data.steps_per_epoch)
-        self.logger = MetricLogger(self.run_dir, enabled=self.env.main)
+        trackers = Trackers(cfg, self.run_dir, OmegaConf.to_container(cfg, resolve=True)) if self.env.main else None
+        self.logger = MetricLogger(self.run_dir, enabled=self.env.main, trackers=trackers)
         if ckpt is not None:
             self._resume(ckpt)
         else:
@@ -108,20 +115,30 @@ class Trainer:
         self.guarded = cfg.train.nonfinite != "stop"
         self.bn = BNSnapshot(self.model, self.guarded)
         self.saved_step, self.skipped_images, self.knn, self.knn_step = -1, 0, {}, -1
+        self.alarm = CollapseAlarm(cfg.log.collapse_std, cfg.log.collapse_rank)
         self.last = {"step": self.state.step}
 
     # ------------------------------------------------------------------ set-up parts
     def _eval_data(self):
         """(train, test) of the kNN monitor, or None (eval.every=0, an unlabelled or one-class train split)."""
-        if self.cfg.eval.every <= 0:
+        c, split = self.cfg, self.cfg.eval.train_split
+        if c.eval.every <= 0:
             return None
-        train, test = load_eval_data(self.cfg, self.data.ds, self.data.stream)
-        if (train.labels < 0).any():
-            print(f"[selfsup] split '{self.cfg.eval.train_split}' has no labels: kNN monitor off")
+        if c.data.labels == "none":
+            D.say("data.labels=none: kNN monitor off (no labels to score it); embed, visualize and export "
+                  "work on this run, kNN and linear evaluation need a labelled split")
+            return None
+        # an unlabelled training split is said before any test split is looked for (a flat folder has none)
+        unlabelled = split == c.data.train_split and _unlabelled(self.data.ds)
+        if not unlabelled:
+            train, test = load_eval_data(c, self.data.ds, self.data.stream)
+            unlabelled = _unlabelled(train)
+        if unlabelled:
+            D.say(f"split '{split}' has no labels: kNN monitor off (give the images one sub-folder per "
+                  "class to score it, or set eval.every=0 to silence this)")
             return None
         if train.num_classes == 1:
-            print(f"[selfsup] split '{self.cfg.eval.train_split}' has one class only: kNN monitor off (it would "
-                  "score 1.0 by construction)")
+            D.say(f"split '{split}' has one class only: kNN monitor off (it would score 1.0 by construction)")
             return None
         return train, test
 
@@ -136,8 +153,7 @@ class Trainer:
         self.state.elapsed_before = ckpt["elapsed"]
         self.logger.truncate_lines(ckpt["log_lines"])
         step, spe = self.state.step, self.data.steps_per_epoch
-        if self.env.main:
-            print(f"[selfsup] resumed {self.run_dir} at step {step} (epoch {step // spe}, batch {step % spe})")
+        D.say(f"resumed {self.run_dir} at step {step} (epoch {step // spe}, batch {step % spe})")
 
     # ------------------------------------------------------------------ the loop
     def fit(self, hook=None) -> dict:
@@ -256,9 +272,8 @@ class Trainer:
             event["rolled_back_to"] = s.step
         event["lr"] = scale_lr(s.opt, s.sched, t.nonfinite_lr_factor)
         self.logger.log(event)
-        if self.env.main:
-            print(f"[selfsup] non-finite loss or gradient at step {event['step']}: {t.nonfinite}, lr now "
-                  f"{event['lr']:.3g} ({s.nonfinite_events}/{t.nonfinite_max})")
+        D.say(f"non-finite loss or gradient at step {event['step']}: {t.nonfinite}, lr now "
+              f"{event['lr']:.3g} ({s.nonfinite_events}/{t.nonfinite_max})")
         if t.nonfinite == "skip":   # the data and the schedule move on; BN statistics as before the step
             self.bn.restore()
             with warnings.catch_warnings():   # "scheduler stepped before optimizer": intended here
@@ -280,7 +295,11 @@ class Trainer:
         self.last = {"event": "train", "step": s.step, "epoch": s.step // self.data.steps_per_epoch,
                      "loss": D.all_reduce_mean(loss.detach()).item(), "lr": s.opt.param_groups[0]["lr"],
                      "views_per_s": views_s, "wall_time": self.wall()}
-        self.last.update({k: float(v) for k, v in out.items() if k != "loss"})
+        self.last.update({k: float(v) for k, v in out.items() if k not in ("loss", "embedding")})
+        emb = out["embedding"]
+        self.last.update(embedding_stats(emb))
+        if self.env.main and (warning := self.alarm.check(self.last, self.last["epoch"], emb[0].numel())):
+            self.bar.write(f"[selfsup] {warning}")
         if self.skipped_images:
             self.last["skipped_images"] = self.skipped_images
         self.logger.log(self.last)
@@ -311,3 +330,8 @@ class Trainer:
         ck = capture(s, OmegaConf.to_yaml(self.cfg), self.wall(), self.logger.lines())
         if self.env.main:
             save_checkpoint(ck, checkpoint_path(self.run_dir))
+
+
+def _unlabelled(ds) -> bool:
+    """Whether a split has unlabelled items (label -1): the kNN monitor cannot score it."""
+    return bool((torch.as_tensor(ds.labels) < 0).any())

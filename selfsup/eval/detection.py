@@ -4,10 +4,10 @@ selfsup encoder, and the scores of its detections (AP50, AP, AP75 and VOC07's 11
 The backbone body is the run's encoder itself (a copy): torchvision ResNet-18/34/50 (with or without
 the CIFAR stem), a timm ResNet (``timm/resnet*``: the same conv1/bn1/layer1..4 names) or
 ``resnet_small`` (its 4 stages); its four stages feed torchvision's FeaturePyramidNetwork (256
-channels, P2-P6). Normalisation (``eval.det_norm``): ``frozen`` replaces every BatchNorm with
+channels, P2-P6). Normalisation (``det.norm``): ``frozen`` replaces every BatchNorm with
 torchvision's FrozenBatchNorm2d holding the encoder's statistics (torchvision's default); ``sync``
 keeps BatchNorm in training mode (the engine makes it SyncBatchNorm under several GPU processes, as
-MoCo does; on CPU it is plain per-process BN). ``eval.det_trainable_layers`` (0-5) trains the last k
+MoCo does; on CPU it is plain per-process BN). ``det.trainable_layers`` (0-5) trains the last k
 of layer4, layer3, layer2, layer1, conv1 (+ bn1), as torchvision counts them.
 
 Scores: COCO-style AP (mean over IoU 0.50:0.05:0.95, 101-point interpolation), AP50 and AP75 from
@@ -122,9 +122,9 @@ def build_detector(encoder: nn.Module, num_classes: int, *, norm: str = "frozen"
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
     if norm not in ("frozen", "sync"):
-        raise ConfigError(f"eval.det_norm={norm!r} is not valid. Choose one of: frozen, sync")
+        raise ConfigError(f"det.norm={norm!r} is not valid. Choose one of: frozen, sync")
     if not 0 <= trainable_layers <= 5:
-        raise ConfigError(f"eval.det_trainable_layers={trainable_layers} must be in 0..5")
+        raise ConfigError(f"det.trainable_layers={trainable_layers} must be in 0..5")
     body = _Body(copy.deepcopy(encoder).cpu().float())
     train = ["layer4", "layer3", "layer2", "layer1", "stem"][:trainable_layers]
     for name, p in body.named_parameters():

@@ -3,7 +3,8 @@
 Layout of an export folder OUT:
     features.npy (N x D float32), labels.npy (N int64, -1 when unlabelled), indices.npy (N int64,
     positions in the split)        -- or embeddings.safetensors holding the same three tensors
-    embed.json                     -- what was exported (split, dims, class names, files)
+    embed.json                     -- what was exported (split, dims, class names, files); written last,
+                                      removed first on a new export: the folder is complete when it is there
     projector/                     -- `tensorboard --logdir OUT/projector`, Projector tab:
         projector_config.pbtxt, tensors.tsv, metadata.tsv (label, class, index), sprite.png
 """
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..atomic import replacing, write_json, write_text
 
 SPRITE_MAX_SIDE = 8192   # the projector refuses larger sprites
 
@@ -34,7 +37,10 @@ def subset_indices(n: int, max_points: int | None, seed: int = 0) -> Tensor:
 def save_features(out: Path, feats: Tensor, labels: Tensor, indices: Tensor, fmt: str = "npy",
                   metadata: dict | None = None) -> list[str]:
     """Write features (float32), labels and indices (int64) to `out` as three .npy files or one
-    embeddings.safetensors (with `metadata` as JSON strings in its header). Returns the paths."""
+    embeddings.safetensors (with `metadata` as JSON strings in its header), each through a temporary
+    file. Returns the paths."""
+    if fmt not in ("npy", "safetensors"):
+        raise ValueError(f"unknown format '{fmt}': choose npy or safetensors")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {"features": feats.detach().float().cpu().contiguous(),
@@ -43,16 +49,16 @@ def save_features(out: Path, feats: Tensor, labels: Tensor, indices: Tensor, fmt
     if fmt == "npy":
         paths = []
         for name, t in arrays.items():
-            np.save(out / f"{name}.npy", t.numpy())
+            with replacing(out / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, t.numpy())
             paths.append(str(out / f"{name}.npy"))
         return paths
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
-        path = out / "embeddings.safetensors"
-        save_file(arrays, str(path), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-        return [str(path)]
-    raise ValueError(f"unknown format '{fmt}': choose npy or safetensors")
+    path = out / "embeddings.safetensors"
+    with replacing(path) as tmp:
+        save_file(arrays, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    return [str(path)]
 
 
 def sprite_image(images: Tensor, max_side: int = SPRITE_MAX_SIDE):
@@ -89,15 +95,17 @@ def write_projector(out: Path, feats: Tensor, labels: Tensor, indices: Tensor, c
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = feats.detach().float().cpu().numpy()
-    np.savetxt(out / "tensors.tsv", rows, fmt="%.6g", delimiter="\t")
-    with open(out / "metadata.tsv", "w") as f:
-        f.write("label\tclass\tindex\n")
-        for y, i in zip(labels.tolist(), indices.tolist()):
-            cls = _clean(classes[y]) if 0 <= y < len(classes) else "unlabelled"
-            f.write(f"{y}\t{cls}\t{i}\n")
+    with replacing(out / "tensors.tsv") as tmp:
+        np.savetxt(tmp, rows, fmt="%.6g", delimiter="\t")
+    meta = ["label\tclass\tindex\n"]
+    for y, i in zip(labels.tolist(), indices.tolist()):
+        cls = _clean(classes[y]) if 0 <= y < len(classes) else "unlabelled"
+        meta.append(f"{y}\t{cls}\t{i}\n")
+    write_text(out / "metadata.tsv", "".join(meta))
     sprite, side = sprite_image(images)
-    sprite.save(out / "sprite.png")
-    (out / "projector_config.pbtxt").write_text(
+    with replacing(out / "sprite.png") as tmp:
+        sprite.save(tmp, format="PNG")
+    write_text(out / "projector_config.pbtxt", (
         "embeddings {\n"
         f'  tensor_name: "{_clean(name)}"\n'
         f"  tensor_shape: {rows.shape[0]}\n"
@@ -109,7 +117,7 @@ def write_projector(out: Path, feats: Tensor, labels: Tensor, indices: Tensor, c
         f"    single_image_dim: {side}\n"
         f"    single_image_dim: {side}\n"
         "  }\n"
-        "}\n")
+        "}\n"))
     return {"dir": str(out), "points": int(rows.shape[0]), "sprite_side": side}
 
 
@@ -117,11 +125,16 @@ def export_embeddings(out: Path, feats: Tensor, dataset, fmt: str = "npy", max_p
                       name: str = "features") -> dict:
     """Write every row of `feats` (one per image of `dataset`, an ImageDataset) with its label and
     index, embed.json, and the projector files for a deterministic subset of at most `max_points`
-    rows (None: all). Returns a summary with the paths."""
+    rows (None: all). Returns a summary with the paths. Every file goes through a temporary file; the
+    embed.json of an earlier export into `out` is removed before any of its files is replaced, and the
+    new one is written last: a folder with an embed.json is complete."""
     out = Path(out)
     n = feats.shape[0]
     if n != len(dataset):
         raise ValueError(f"{n} feature rows for a dataset of {len(dataset)} images")
+    (out / "embed.json").unlink(missing_ok=True)
+    for tmp in [*out.glob("*.tmp"), *out.glob("projector/*.tmp")]:   # left by an export that was killed
+        tmp.unlink(missing_ok=True)
     labels, indices = dataset.labels.cpu(), torch.arange(n)
     meta = {"split": dataset.name, "classes": list(dataset.classes), "name": name}
     files = save_features(out, feats, labels, indices, fmt, meta)
@@ -131,5 +144,5 @@ def export_embeddings(out: Path, feats: Tensor, dataset, fmt: str = "npy", max_p
     summary = {"out": str(out), "format": fmt, "files": files, "num": n, "dim": int(feats.shape[1]),
                "dataset": dataset.name, "classes": list(dataset.classes), "projector": proj["dir"],
                "projector_points": proj["points"], "sprite_side": proj["sprite_side"], "name": name}
-    (out / "embed.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "embed.json", summary)
     return summary

@@ -5,6 +5,8 @@ process or sharded over the ranks of ``torch.distributed`` (every rank gets all 
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,6 +14,7 @@ from torch import Tensor, nn
 from ..data.augment import eval_transform
 from ..data.loader import clean_batches
 from ..parallel.distributed import all_gather_no_grad, rank, world_size
+from ..progress import Progress
 
 __all__ = ["extract_features"]
 
@@ -43,11 +46,16 @@ def extract_features(encoder: nn.Module, images: Tensor, batch_size: int = 1024,
     else:   # a file-backed set (FileImageSet): decoded in DataLoader workers
         batches = clean_batches(images, idx, batch_size, image_size, getattr(images, "workers", 0))
     feats = []
+    # a long extraction (a kNN monitor or evaluation on a CPU) shows in a log, never as a bar: quiet when short
+    bar = Progress(len(idx), "features", enabled=r == 0 and not sys.stdout.isatty(), tty=False, unit="image",
+                   final_line=False)
     for batch in batches:
         x = eval_transform(batch.to(device, non_blocking=True), image_size)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             f = encoder(x)
         feats.append(f.float())
+        bar.update(len(x))
+    bar.close()
     feats = torch.cat(feats)
     if w > 1:   # rank-strided order -> original order
         feats = all_gather_no_grad(feats).view(w, per_rank, -1).transpose(0, 1).reshape(w * per_rank, -1)[:n]

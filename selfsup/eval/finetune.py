@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..atomic import write_text
 from ..data.augment import crop_flip_augment, eval_transform
 from ..data.images import require_labels
 from ..errors import ConfigError
@@ -178,14 +179,10 @@ def finetune_eval(encoder: nn.Module, cfg, train_ds, test_ds, device, amp, head:
     e = cfg.eval
     require_labels(train_ds, e.train_split, "fine-tuning")
     require_labels(test_ds, e.test_split, "fine-tuning")
-    if e.train_split == e.test_split or train_ds is test_ds:   # subsets index the train split only
-        raise ConfigError(f"eval.train_split and eval.test_split are both '{e.test_split}': the labelled "
+    if train_ds is test_ds:   # subsets index the train split only (validate checked the split names)
+        raise ConfigError(f"the train and test sets are the same object ('{e.test_split}'): the labelled "
                           "subsets must come from a split disjoint from the test split")
-    fractions = list(e.finetune_fractions)
-    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
-        raise ConfigError(f"eval.finetune_fractions must be fractions in (0, 1], got {fractions}")
-    if e.finetune_batch_size < 2 or (e.finetune_epochs is not None and e.finetune_epochs < 1):
-        raise ConfigError("eval.finetune_batch_size must be >= 2 and eval.finetune_epochs >= 1")
+    fractions = list(e.finetune_fractions)   # ranges and batch checked by config.validate
     lr = e.finetune_lr if e.finetune_lr is not None else 0.05 * e.finetune_batch_size / 256
     size = cfg.data.image_size
     probe = eval_transform(train_ds.images[:2].cpu(), size)
@@ -201,7 +198,7 @@ def finetune_eval(encoder: nn.Module, cfg, train_ds, test_ds, device, amp, head:
         if out_dir is not None:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / f"finetune_subset_{tag}.json").write_text(json.dumps(
+            write_text(out / f"finetune_subset_{tag}.json", json.dumps(
                 {"split": e.train_split, "fraction": fraction, "seed": e.seed,
                  "per_class": len(idx) // train_ds.num_classes, "indices": idx.tolist()}) + "\n")
         epochs = e.finetune_epochs or default_epochs(fraction)

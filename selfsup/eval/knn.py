@@ -1,8 +1,9 @@
 """Weighted kNN classifier on L2-normalised features (InstDisc / MoCo-demo protocol): scoring only.
 
 For a query q: s_i = <q, v_i> against every training feature, keep the top-k, weight each
-neighbour by exp(s_i / temperature), sum weights per class, predict the argmax. The features come
-from :mod:`selfsup.eval.features`; the training-time monitor is :mod:`selfsup.eval.monitor`.
+neighbour by exp(s_i / temperature), sum weights per class, predict the argmax (computed as
+exp((s_i - max_j s_j) / temperature): the same ranking, and no overflow at small temperatures). The
+features come from :mod:`selfsup.eval.features`; the training-time monitor is :mod:`selfsup.eval.monitor`.
 """
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ __all__ = ["knn_scores", "knn_accuracy", "knn_sweep"]
 
 def _vote(sim: Tensor, nb_labels: Tensor, temperature: float, num_classes: int) -> Tensor:
     """Class scores (q, num_classes): each neighbour (similarity `sim`, label `nb_labels`, both
-    (q, k)) votes exp(sim / temperature) for its class."""
-    weight = (sim / temperature).exp()
+    (q, k)) votes exp(sim / temperature) for its class, divided by exp(max sim / temperature) of its
+    query: the same ratios, without the float32 overflow (exp(200) at t=0.005) that ties the classes."""
+    weight = ((sim - sim.amax(dim=1, keepdim=True)) / temperature).exp()
     scores = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=weight.dtype)
     return scores.scatter_add_(1, nb_labels, weight)
 
 
 def knn_scores(train_feats: Tensor, train_labels: Tensor, query: Tensor, k: int, temperature: float,
                num_classes: int, chunk: int = 512) -> Tensor:
-    """Class scores (Q, num_classes) for `query` (Q, D) against `train_feats` (N, D).
+    """Class scores (Q, num_classes) for `query` (Q, D) against `train_feats` (N, D), relative to each
+    query's nearest neighbour (which votes 1).
 
     Features must already be L2-normalised. k is clipped to N.
     """

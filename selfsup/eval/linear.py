@@ -27,7 +27,6 @@ from ..optim import warmup_cosine
 from ..progress import Progress
 from .features import extract_features
 
-MODES = ("features", "augment")
 SCHEDULES = ("cosine", "step")
 
 
@@ -166,19 +165,13 @@ def linear_probe_augment(encoder: nn.Module, train_ds, test_ds, *, epochs: int =
 
 
 def linear_settings(cfg) -> dict:
-    """The linear-evaluation settings of `cfg.eval` with the mode-dependent defaults filled in."""
+    """The linear-evaluation settings of `cfg.eval` with the mode-dependent defaults filled in (the values
+    as `config.validate` checked them)."""
     e = cfg.eval
-    if e.linear_mode not in MODES:
-        raise ConfigError(f"eval.linear_mode={e.linear_mode!r} is not valid. Choose one of: {', '.join(MODES)}")
     augment = e.linear_mode == "augment"
     s = {"epochs": e.linear_epochs, "batch_size": e.linear_batch_size, "weight_decay": e.linear_weight_decay,
          "lr": e.linear_lr if e.linear_lr is not None else (30.0 if augment else 0.1),
          "schedule": e.linear_schedule or ("step" if augment else "cosine"), "seed": e.seed}
-    if s["schedule"] not in SCHEDULES:
-        raise ConfigError(f"eval.linear_schedule={s['schedule']!r} is not valid. Choose one of: {', '.join(SCHEDULES)}")
-    if s["epochs"] < 1 or s["batch_size"] < 1 or s["lr"] <= 0 or s["weight_decay"] < 0:
-        raise ConfigError("eval.linear_epochs and eval.linear_batch_size must be >= 1, eval.linear_lr > 0 "
-                          "and eval.linear_weight_decay >= 0")
     return s
 
 

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 from .. import __version__
+from ..atomic import replacing, write_text
 from ..errors import ConfigError
 
 SECTIONS = ("Summary", "Training curves", "Evaluations", "Plots", "Configuration", "Environment")
@@ -88,8 +89,9 @@ def read_knn_eval(run_dir: Path) -> dict:
 
 
 def plot_curves(events: list[dict], path: Path, baselines: dict | None = None) -> Path | None:
-    """PNG of loss, learning rate and kNN top-1 against step (top row) and wall time (bottom row);
-    None when there is no train event. `baselines` ({name: top-1}): horizontal lines on the kNN panels."""
+    """PNG of loss, learning rate, kNN top-1 and the collapse alarm's embed_std (left axis) and embed_rank
+    (right axis) against step (top row) and wall time (bottom row); None when there is no train event.
+    `baselines` ({name: top-1}): horizontal lines on the kNN panels."""
     train = [e for e in events if e.get("event") == "train" and _number(e.get("step"))]
     if not train:
         return None
@@ -97,20 +99,22 @@ def plot_curves(events: list[dict], path: Path, baselines: dict | None = None) -
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 6.5), dpi=100)
+    fig = Figure(figsize=(16, 6.5), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 3, squeeze=False)
+    axes = fig.subplots(2, 4, squeeze=False)
     panels = [("loss", train, ["loss"]), ("learning rate", train, ["lr"]),
-              ("kNN top-1", knn, ["knn_top1", "knn_bank_top1"])]
+              ("kNN top-1", knn, ["knn_top1", "knn_bank_top1"]),
+              ("embeddings: std (left), effective rank (right)", train, ["embed_std", "embed_rank"])]
     for row, (xkey, xlabel) in enumerate([("step", "step"), ("wall_time", "wall time (s)")]):
         for col, (title, evs, keys) in enumerate(panels):
             ax = axes[row, col]
             drawn = False
-            for key in keys:
+            for i, key in enumerate(keys):
                 pts = [(e[xkey], e[key]) for e in evs if _number(e.get(xkey)) and _number(e.get(key))]
                 if pts:
                     x, y = zip(*pts)
-                    ax.plot(x, y, marker="o" if len(pts) < 30 else None, markersize=3, label=key)
+                    on = ax.twinx() if key == "embed_rank" else ax   # its own scale: 1 .. D
+                    on.plot(x, y, marker="o" if len(pts) < 30 else None, markersize=3, label=key, color=f"C{i}")
                     drawn = True
             if title == "kNN top-1":
                 for i, (name, value) in enumerate((baselines or {}).items()):
@@ -118,7 +122,7 @@ def plot_curves(events: list[dict], path: Path, baselines: dict | None = None) -
                     drawn = True
             if not drawn:
                 ax.text(0.5, 0.5, f"no {title} yet", ha="center", va="center", transform=ax.transAxes)
-            elif (len(keys) > 1 and any(_number(e.get(keys[1])) for e in evs)) or \
+            elif (len(keys) > 1 and any(_number(e.get(keys[1])) for e in evs) and keys[1] != "embed_rank") or \
                     (title == "kNN top-1" and baselines):
                 ax.legend(fontsize=8)
             ax.set_title(title, fontsize=10)
@@ -126,7 +130,8 @@ def plot_curves(events: list[dict], path: Path, baselines: dict | None = None) -
             ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with replacing(path) as tmp:   # never half a PNG
+        fig.savefig(tmp, format="png")
     return Path(path)
 
 
@@ -335,7 +340,7 @@ def write_report(run_dir: str | Path) -> dict:
     h.append("</body></html>\n")
 
     html_path, md_path = run_dir / "report.html", run_dir / "report.md"
-    html_path.write_text("\n".join(h))
-    md_path.write_text("\n".join(m))
+    write_text(html_path, "\n".join(h))
+    write_text(md_path, "\n".join(m))
     return {"html": str(html_path), "markdown": str(md_path), "curves": str(curves) if curves else None,
             "evals": [ev["file"] for ev in evals], "plots": [str(p) for p in plots]}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..atomic import replacing
 from ..errors import ConfigError
 
 METHODS_2D = ("tsne", "umap", "pca")
@@ -68,9 +69,12 @@ def plot_map(xy: np.ndarray, labels, classes: list[str], path: Path, title: str 
     """Scatter plot PNG of 2-D points `xy` coloured by label, with a legend of class names
     (a colour bar of class indices beyond 20 classes)."""
     labels = np.asarray(labels)
-    colours = _class_colours(max(len(classes), int(labels.max()) + 1 if labels.size else 1))
     fig = _figure(8.5, 6.5)
     ax = fig.add_subplot()
+    if not labels.size or labels.max() < 0:   # unlabelled images: one colour, no legend
+        ax.scatter(xy[:, 0], xy[:, 1], s=7, color="tab:blue", linewidths=0, alpha=0.85)
+        return _save(fig, ax, title, path)
+    colours = _class_colours(max(len(classes), int(labels.max()) + 1))
     for c in np.unique(labels):
         m = labels == c
         name = classes[c] if 0 <= c < len(classes) else str(c)
@@ -84,11 +88,16 @@ def plot_map(xy: np.ndarray, labels, classes: list[str], path: Path, title: str 
 
         sm = ScalarMappable(Normalize(0, len(colours) - 1), colormaps["turbo"])
         fig.colorbar(sm, ax=ax, label="class index")
+    return _save(fig, ax, title, path)
+
+
+def _save(fig, ax, title: str, path: Path) -> Path:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    with replacing(path) as tmp:   # never half a PNG
+        fig.savefig(tmp, format="png")
     return Path(path)
 
 
@@ -124,12 +133,13 @@ def plot_neighbours(query_images: Tensor, query_labels: Tensor, nb_images: Tenso
                     classes: list[str], path: Path, title: str = "") -> Path:
     """Grid PNG: one row per query (uint8 image C x H x W), the query then its neighbours; each
     neighbour framed green when its label equals the query's, red otherwise; class names above.
+    Unlabelled images (label -1) are framed grey, without names.
 
     nb_images: (Q, k, C, H, W) uint8; nb_labels: (Q, k)."""
     q, k = nb_labels.shape
 
     def name(y):
-        return classes[y] if 0 <= y < len(classes) else str(y)
+        return classes[y] if 0 <= y < len(classes) else "" if y < 0 else str(y)
 
     fig = _figure(1.15 * (k + 1) + 0.3, 1.3 * q + 0.5)
     axes = fig.subplots(q, k + 1, squeeze=False)
@@ -137,7 +147,7 @@ def plot_neighbours(query_images: Tensor, query_labels: Tensor, nb_images: Tenso
         yq = int(query_labels[r])
         ax = axes[r, 0]
         _show(ax, query_images[r])
-        ax.set_title(f"query: {name(yq)}", fontsize=7, fontweight="bold")
+        ax.set_title(f"query: {name(yq)}" if yq >= 0 else "query", fontsize=7, fontweight="bold")
         for s in ax.spines.values():
             s.set(color="black", linewidth=2.5)
         for j in range(k):
@@ -145,10 +155,52 @@ def plot_neighbours(query_images: Tensor, query_labels: Tensor, nb_images: Tenso
             y = int(nb_labels[r, j])
             _show(ax, nb_images[r, j])
             ax.set_title(name(y), fontsize=7, color="black" if y == yq else "firebrick")
+            frame = "grey" if yq < 0 else "limegreen" if y == yq else "red"
             for s in ax.spines.values():
-                s.set(color="limegreen" if y == yq else "red", linewidth=3)
+                s.set(color=frame, linewidth=3)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    with replacing(path) as tmp:   # never half a PNG
+        fig.savefig(tmp, format="png")
     return Path(path)
+
+
+def visualize_run(encoder, cfg, ds, bank_ds, method: str, max_points: int | None, n_queries: int,
+                  n_neighbours: int, out: Path, device, amp, split: str) -> dict:
+    """`selfsup visualize`: the 2-D map of split `split` (`ds`, at most `max_points` images) and the grid of
+    `n_queries` of its images with their `n_neighbours` nearest images of the bank split (`bank_ds`,
+    eval.train_split; a query is never its own neighbour). Labelled images are coloured and framed by
+    class, with the neighbours' precision (the share of neighbours of the query's class); unlabelled
+    ones (label -1: data.labels=none, a flat folder) are drawn plain and the precision is None.
+    Writes map-<method>-<split>.png and neighbours-<split>.png in `out`; returns their paths and figures.
+    `amp`: the autocast dtype of the features, or None."""
+    from .embed import subset_indices
+    from .features import extract_features
+
+    def features(images):
+        return extract_features(encoder, images, cfg.eval.batch_size, device, cfg.data.image_size, amp)
+
+    labelled = bool(len(ds.labels)) and int(ds.labels.min()) >= 0 and int(bank_ds.labels.min()) >= 0
+    sub = subset_indices(len(ds), max_points)
+    feats = features(ds.images[sub.to(ds.images.device)]).cpu()
+    xy = reduce_2d(feats.numpy(), method)
+    name = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}[method]
+    title = f"{name} of {split} features ({len(sub)} points, {cfg.method}, {cfg.data.name})"
+    out.mkdir(parents=True, exist_ok=True)
+    map_path = plot_map(xy, ds.labels[sub].cpu().numpy(), ds.classes, out / f"map-{method}-{split}.png", title)
+
+    queries = pick_queries(ds.labels, n_queries)
+    same = bank_ds is ds
+    nb = nearest_neighbours(features(ds.images[queries.to(ds.images.device)]), features(bank_ds.images),
+                            n_neighbours + same).cpu()
+    if same:   # a query from the bank's split is its own nearest neighbour: leave it out
+        nb = torch.stack([row[row != i][:n_neighbours] for row, i in zip(nb, queries)])
+    qy, ny = ds.labels.cpu()[queries], bank_ds.labels.cpu()[nb]
+    frames = "green: same class, red: other" if labelled else "unlabelled images"
+    nb_path = plot_neighbours(ds.images.cpu()[queries], qy, bank_ds.images.cpu()[nb], ny, ds.classes,
+                              out / f"neighbours-{split}.png",
+                              f"{split} queries and their nearest {cfg.eval.train_split} images (cosine, {frames})")
+    return {"map": str(map_path), "neighbours": str(nb_path), "method": method, "split": split,
+            "points": len(sub),
+            "neighbour_precision": (ny == qy[:, None]).float().mean().item() if labelled else None}

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from ..parallel.distributed import all_gather_no_grad, world_size
 from ..parallel.distributed import rank as dist_rank
-from .softmax import DEFAULT_CHUNK, Rows, Targets, cosine_softmax, topk_similar
+from .fused import RowUpdate
+from .softmax import DEFAULT_CHUNK, Rows, Targets, cosine_softmax, host_checks, topk_similar
 
 __all__ = ["InstanceClassifier", "RecentInstances", "shard_range", "gather_rows"]
 
@@ -96,6 +97,8 @@ class InstanceClassifier(nn.Module):
             for label smoothing (:meth:`refresh_hard_classes_`).
         world, rank: shard layout; default: the process group's (1, 0 without
             one).  The rows held are ``[start, end) = shard_range(N, world, rank)``.
+        fused_chunk_size: rows per chunk of the fused step (``forward(..., update=)``);
+            ``None``: :func:`~selfsup.instance.fused.fused_chunk_size` of the device.
         seed: initial rows are unit-norm Gaussian rows drawn in blocks of 65536
             rows, block ``b`` from ``torch.Generator().manual_seed(seed + b)``,
             so a shard equals the same slice of the unsharded initialisation.
@@ -127,6 +130,7 @@ class InstanceClassifier(nn.Module):
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        fused_chunk_size: int | None = None,
     ):
         super().__init__()
         if num_classes < 1 or dim < 1 or temperature <= 0 or chunk_size < 1 or not 0 <= smooth_k < num_classes:
@@ -134,6 +138,7 @@ class InstanceClassifier(nn.Module):
                              f"temperature={temperature}, chunk_size={chunk_size}, smooth_k={smooth_k}")
         self.num_classes, self.dim = num_classes, dim
         self.temperature, self.chunk_size = float(temperature), int(chunk_size)
+        self.fused_chunk_size = fused_chunk_size   # the fused step's chunk (None: per device)
         self.world = world if world is not None else world_size()
         self.rank = rank if rank is not None else dist_rank()
         self.start, self.end = shard_range(num_classes, self.world, self.rank)
@@ -161,7 +166,7 @@ class InstanceClassifier(nn.Module):
             raise ValueError(f"classifier was built for world {self.world} but the process group has {w} ranks")
 
     def forward(self, z: Tensor, targets: Targets, rows: Rows | None = None, *, detach: bool = False,
-                ddp_grad_scale: bool = True) -> Tensor:
+                ddp_grad_scale: bool = True, update: RowUpdate | None = None) -> Tensor:
         """Global mean cosine-softmax loss of this rank's features.
 
         Args:
@@ -173,6 +178,10 @@ class InstanceClassifier(nn.Module):
                 candidate ids on every rank) for sampled negatives.
             detach: no gradient to the rows (PIC's small crops train the encoder only).
             ddp_grad_scale: see :func:`~selfsup.instance.softmax.cosine_softmax`.
+            update: the fused step (:mod:`selfsup.instance.fused`): ``RowUpdate(self.weight,
+                momentum, lr, ...)``; the backward moves the rows (and their momentum) chunk by
+                chunk instead of leaving a gradient (chunks of ``fused_chunk_size`` rows, or
+                per device).  Not with ``detach``.
 
         Returns:
             Scalar global mean loss over all ranks' samples (same on every
@@ -183,9 +192,14 @@ class InstanceClassifier(nn.Module):
         self._check_world()
         rows = rows if rows is not None else self.shard()
         if detach:
+            if update is not None:
+                raise ValueError("detach=True trains no rows: no update")
             rows = dataclasses.replace(rows, weight=rows.weight.detach())
-        return cosine_softmax(z, rows, targets, self.temperature, chunk_size=self.chunk_size,
-                              ddp_grad_scale=ddp_grad_scale)
+        if update is not None and update.weight is not self.weight:
+            raise ValueError("update.weight must be this classifier's weight")
+        return cosine_softmax(z, rows, targets, self.temperature,
+                              chunk_size=self.chunk_size if update is None else self.fused_chunk_size,
+                              ddp_grad_scale=ddp_grad_scale, update=update)
 
     def shard(self) -> Rows:
         """All rows of this rank (the full softmax): ``weight``, global ids ``start .. end-1``."""
@@ -208,9 +222,9 @@ class InstanceClassifier(nn.Module):
         if candidates.dim() != 1 or candidates.dtype != torch.long:
             raise ValueError(f"candidates must be a 1-D int64 tensor, got {candidates.dtype} {tuple(candidates.shape)}")
         ids = torch.unique(candidates.to(self.weight.device))
-        # range check on CPU only (two host reads); elsewhere ids outside [0, N) fall outside every shard
+        # range check on CPU only (two host reads; host_checks); elsewhere ids outside [0, N) fall outside every shard
         # and are dropped below, and a target among them makes the loss NaN (see cosine_softmax)
-        if ids.device.type == "cpu" and ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= self.num_classes):
+        if host_checks(ids.device) and ids.numel() and (int(ids[0]) < 0 or int(ids[-1]) >= self.num_classes):
             raise ValueError(f"candidate ids must lie in [0, {self.num_classes}), got [{int(ids[0])}, {int(ids[-1])}]")
         ids = ids[(ids >= self.start) & (ids < self.end)]
         local = ids - self.start
@@ -247,7 +261,7 @@ class InstanceClassifier(nn.Module):
         if not self.smooth_k:
             return None
         idx = self.hard_classes[target]
-        if idx.device.type == "cpu" and bool((idx < 0).any()):
+        if host_checks(idx.device) and bool((idx < 0).any()):
             raise ValueError("hard_classes not computed for some targets: call refresh_hard_classes_ first")
         return idx
 
@@ -297,9 +311,19 @@ class RecentInstances(nn.Module):
         self.register_buffer("buffer", torch.full((size,), -1, dtype=torch.long, device=device))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("count", torch.zeros((), dtype=torch.long, device=device))
+        self._host_count = None   # (the count tensor, its version, its value): count without a device read
 
     def __len__(self) -> int:
-        return int(self.count)
+        return self.filled()
+
+    def filled(self) -> int:
+        """``int(count)``, read from the device only when the buffer is not the one :meth:`push` last
+        counted (a new tensor after ``.to()``, or written by ``load_state_dict`` or another in-place op);
+        otherwise from a host-side copy: no host sync in a steady-state step."""
+        buf, cached = self.count, self._host_count
+        if cached is None or cached[0] is not buf or cached[1] != buf._version:
+            cached = self._host_count = (buf, buf._version, int(buf))
+        return cached[2]
 
     @torch.no_grad()
     def push(self, index: Tensor) -> None:
@@ -308,14 +332,16 @@ class RecentInstances(nn.Module):
             raise ValueError(f"index must be a 1-D int64 tensor, got {index.dtype} {tuple(index.shape)}")
         index = index.to(self.buffer.device)[-self.size :]
         b = index.numel()
+        filled = self.filled()
         slots = (self.ptr + torch.arange(b, device=self.buffer.device)) % self.size
         self.buffer.index_copy_(0, slots, index)
         self.ptr.copy_((self.ptr + b) % self.size)
         self.count.copy_((self.count + b).clamp(max=self.size))
+        self._host_count = (self.count, self.count._version, min(filled + b, self.size))
 
     def recent(self) -> Tensor:
         """``(len(self),)`` stored ids, oldest first."""
-        n, ptr = int(self.count), int(self.ptr)
+        n, ptr = self.filled(), int(self.ptr)
         if n < self.size:
             return self.buffer[:n].clone()
         return torch.cat([self.buffer[ptr:], self.buffer[:ptr]])
@@ -323,6 +349,6 @@ class RecentInstances(nn.Module):
     def candidates(self, *extra: Tensor | None) -> Tensor:
         """Sorted unique ids of the FIFO plus ``extra`` tensors (batch targets, smoothed-label ids;
         ``None`` skipped)."""
-        parts = [self.buffer[: int(self.count)]]
+        parts = [self.buffer[: self.filled()]]
         parts += [e.reshape(-1).to(self.buffer.device) for e in extra if e is not None]
         return torch.unique(torch.cat(parts))

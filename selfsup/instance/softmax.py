@@ -1,7 +1,11 @@
 """Cosine-softmax instance classification over N rows, chunked and optionally sharded.
 
-This module holds the numerical core of PIC / the one-million-way instance
-classifier (see ``ALGORITHMS.md``): functions of tensors, no module state.
+This module holds the numerical core of the instance classifier of PIC (Cao et
+al. 2020) and of the one-million-way classifier (Liu et al. 2021; its sampled
+negatives and smoothed labels on the hardest classes are the ``C`` and
+``alpha, K`` below): functions of tensors, no module state.  The sections
+below are the whole derivation: the loss and its gradient, chunking, sharding
+and the gradient scaling under DDP.
 :mod:`selfsup.instance.rows` holds the rows as a (sharded) module and the
 recent-instance FIFO; :mod:`selfsup.instance.optim` the row update.
 
@@ -67,7 +71,9 @@ use without DDP or with gradient summing instead of averaging).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -77,10 +83,32 @@ from torch import Tensor
 from ..losses import compute_dtype
 from ..parallel.distributed import all_gather_no_grad, all_gather_with_grad, world_size
 
-__all__ = ["Rows", "Targets", "cosine_softmax", "topk_similar", "DEFAULT_CHUNK"]
+if TYPE_CHECKING:
+    from .fused import RowUpdate
+
+__all__ = ["Rows", "Targets", "cosine_softmax", "topk_similar", "DEFAULT_CHUNK", "host_checks", "no_host_checks"]
 
 DEFAULT_CHUNK = 16384
 _EPS = 1e-12  # as F.normalize
+_HOST_CHECKS = [True]
+
+
+def host_checks(device: torch.device | str) -> bool:
+    """Whether the classifier's input checks that read a tensor back to the host run on ``device``: on a
+    CPU (where a read costs nothing, and a bad target raises ``ValueError`` at once), not elsewhere (a GPU
+    step never waits for the host: a bad target makes the loss NaN instead).  :func:`no_host_checks`
+    turns them off on the CPU too: the CPU then runs the GPU's code path (the host-sync tests)."""
+    return torch.device(device).type == "cpu" and _HOST_CHECKS[0]
+
+
+@contextmanager
+def no_host_checks():
+    """Within the block, :func:`host_checks` is False on every device."""
+    before, _HOST_CHECKS[0] = _HOST_CHECKS[0], False
+    try:
+        yield
+    finally:
+        _HOST_CHECKS[0] = before
 
 
 @dataclass
@@ -159,6 +187,45 @@ def _target_term(zs: Tensor, rows: Tensor, tpos: Tensor, spos: Tensor | None, al
     return t
 
 
+def _global_loss(m_run: Tensor, s_run: Tensor, t: Tensor, tpos: Tensor, spos: Tensor | None, distributed: bool,
+                 check: bool, same_max: bool = False) -> tuple[Tensor, Tensor]:
+    """(the global mean loss, the ``(G,)`` log-sum-exp) from this rank's running max ``m_run`` and sum of
+    ``exp(l - m_run)`` ``s_run`` over its rows and its part ``t`` of the target term.
+
+    One ``all_reduce(MAX)`` of the maxima (none with ``same_max``: ``m_run`` is the same on every rank,
+    a fixed shift) and one ``all_reduce(SUM)`` of ``4G`` values under ``distributed``.  ``check``: raise
+    ``ValueError`` on every rank when a target or smoothed-label id is held by no rank (one host sync),
+    else the loss is NaN.
+    """
+    g = t.shape[0]
+    found_t = (tpos >= 0).to(t.dtype)
+    found_s = (spos >= 0).sum(1).to(t.dtype) if spos is not None else torch.zeros_like(found_t)
+    if distributed and not same_max:
+        big_m = m_run.clone()
+        dist.all_reduce(big_m, op=dist.ReduceOp.MAX)
+    else:
+        big_m = m_run
+    # ranks without rows have m_run = -inf, s_run = 0: their term is 0 * exp(-inf) = 0
+    scaled = torch.where(s_run > 0, s_run * torch.exp(m_run - big_m), torch.zeros_like(s_run))
+    packed = torch.stack([scaled, t, found_t, found_s])  # (4, G)
+    if distributed:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    total, t, found_t, found_s = packed
+    k = spos.shape[1] if spos is not None else 0
+    valid = ((found_t == 1) & (found_s == k)).all()  # identical on every rank
+    if check and not bool(valid):  # all ranks raise (nobody hangs)
+        bad = int((found_t != 1).sum())
+        raise ValueError(
+            f"{bad} of {g} targets (and/or some smoothed-label indices) are not among the classifier's "
+            "candidate rows (a target must lie in [0, N) and, with sampled negatives, in the candidate set)"
+        )
+    lse = big_m + torch.log(total)
+    loss = (lse - t).mean()
+    if not check:  # no host sync: a bad target makes the loss NaN (the trainer's finite check sees it)
+        loss = torch.where(valid, loss, torch.full_like(loss, float("nan")))
+    return loss, lse
+
+
 def _addmm_(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``out += a @ b``; ``a``, ``b`` may be of a lower precision than ``out`` (e.g. bf16 into float32)."""
     return out.addmm_(a, b) if a.dtype == out.dtype else out.add_(a @ b)
@@ -195,31 +262,7 @@ class _ChunkedCosineSoftmax(torch.autograd.Function):
             m_run = new_m
             del logits
         t = _target_term(zs, rows, tpos, spos, alpha)
-        found_t = (tpos >= 0).to(zh.dtype)
-        found_s = (spos >= 0).sum(1).to(zh.dtype) if spos is not None else torch.zeros_like(found_t)
-        if distributed:
-            big_m = m_run.clone()
-            dist.all_reduce(big_m, op=dist.ReduceOp.MAX)
-        else:
-            big_m = m_run
-        # ranks without rows have m_run = -inf, s_run = 0: their term is 0 * exp(-inf) = 0
-        scaled = torch.where(s_run > 0, s_run * torch.exp(m_run - big_m), torch.zeros_like(s_run))
-        packed = torch.stack([scaled, t, found_t, found_s])  # (4, G)
-        if distributed:
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        total, t, found_t, found_s = packed
-        k = spos.shape[1] if spos is not None else 0
-        valid = ((found_t == 1) & (found_s == k)).all()  # identical on every rank
-        if check and not bool(valid):  # all ranks raise (nobody hangs)
-            bad = int((found_t != 1).sum())
-            raise ValueError(
-                f"{bad} of {g} targets (and/or some smoothed-label indices) are not among the classifier's "
-                "candidate rows (a target must lie in [0, N) and, with sampled negatives, in the candidate set)"
-            )
-        lse = big_m + torch.log(total)
-        loss = (lse - t).mean()
-        if not check:  # no host sync: a bad target makes the loss NaN (the trainer's finite check sees it)
-            loss = torch.where(valid, loss, torch.full_like(loss, float("nan")))
+        loss, lse = _global_loss(m_run, s_run, t, tpos, spos, distributed, check)
         ctx.save_for_backward(zh, rows, tpos, spos if spos is not None else tpos.new_empty(0), lse)
         ctx.has_s = spos is not None and alpha != 0.0
         ctx.alpha, ctx.tau, ctx.chunk, ctx.feature_scale = alpha, tau, chunk, feature_scale
@@ -289,10 +332,11 @@ def cosine_softmax(
     targets: Targets,
     temperature: float,
     *,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = DEFAULT_CHUNK,
     ddp_grad_scale: bool = True,
     matmul_dtype: torch.dtype | None = None,
     check_targets: bool | None = None,
+    update: RowUpdate | None = None,
 ) -> Tensor:
     """Chunked (and, under ``torch.distributed``, row-sharded) cosine-softmax loss.
 
@@ -307,7 +351,8 @@ def cosine_softmax(
             and smoothed-label id (else ``ValueError`` on every rank).
         targets: the global batch's :class:`Targets` (``G = world * B`` ids).
         temperature: ``tau``.
-        chunk_size: rows per chunk (memory ``O(G * chunk_size)``).
+        chunk_size: rows per chunk (memory ``O(G * chunk_size)``); with ``update``, ``None`` picks it
+            per device (:func:`~selfsup.instance.fused.fused_chunk_size`).
         ddp_grad_scale: multiply the features' gradient by the world size so
             that DDP's gradient averaging yields the exact gradient of the
             global loss (module docstring).  No effect with one process.
@@ -319,12 +364,19 @@ def cosine_softmax(
             in float32 (float64).
         check_targets: raise ``ValueError`` when a target / smoothed-label id
             is not among the rows (one host sync per call); ``False``: no
-            sync, the returned loss is NaN instead.  Default: ``True`` on CPU,
-            ``False`` on other devices (CUDA: no host sync inside the step).
+            sync, the returned loss is NaN instead.  Default: :func:`host_checks`
+            (on CPU, unless :func:`no_host_checks`; not on other devices: CUDA
+            has no host sync inside the step).
 
     Returns:
         Scalar: the global mean loss over all ranks' ``G`` samples (same value
         on every rank), float32 (float64 if ``z`` or the rows are float64).
+        update: a :class:`~selfsup.instance.fused.RowUpdate`: the fused step
+            (:mod:`selfsup.instance.fused`): the backward applies the row update
+            (``row_sgd_``'s rule) chunk by chunk and the rows get no gradient.
+            ``rows`` must be the shard ``update.weight`` itself (``rows.local``
+            None) or a selection from it (``rows.local``: positions in it).
+
         Gradients: exact ``dL/drows``; features ``world * dL/dz``
         (``ddp_grad_scale``) or ``dL/dz``.
     """
@@ -345,7 +397,7 @@ def cosine_softmax(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if ids is not None and (ids.shape != (w.shape[0],) or ids.dtype != torch.long):
         raise ValueError(f"rows.ids must be int64 of shape ({w.shape[0]},), got {ids.dtype} {tuple(ids.shape)}")
-    if chunk_size < 1 or temperature <= 0:
+    if (update is None and (chunk_size is None or chunk_size < 1)) or temperature <= 0:
         raise ValueError(f"need chunk_size >= 1 and temperature > 0, got {chunk_size}, {temperature}")
     dtype = compute_dtype(z, w)
     dev = z.device.type
@@ -353,7 +405,7 @@ def cosine_softmax(
         matmul_dtype = torch.get_autocast_dtype(dev)
     if matmul_dtype == dtype:
         matmul_dtype = None
-    check = dev == "cpu" if check_targets is None else bool(check_targets)
+    check = host_checks(z.device) if check_targets is None else bool(check_targets)
     with torch.autocast(device_type=dev, enabled=False):
         zh = F.normalize(z.to(dtype), dim=1, eps=_EPS)
         if world > 1:
@@ -361,6 +413,10 @@ def cosine_softmax(
         m = w.shape[0]
         tpos = _local_positions(target, m, ids, rows.offset)
         spos = _local_positions(smooth, m, ids, rows.offset) if use_s else None
+        if update is not None:
+            from .fused import fused_cosine_softmax
+            return fused_cosine_softmax(zh, w, rows.local, tpos, spos, alpha, float(temperature), chunk_size,
+                                        float(world if ddp_grad_scale else 1), world > 1, matmul_dtype, check, update)
         return _ChunkedCosineSoftmax.apply(zh, w, tpos, spos, alpha, float(temperature), int(chunk_size),
                                            float(world if ddp_grad_scale else 1), world > 1, matmul_dtype, check)
 

@@ -38,7 +38,8 @@ class Method(nn.Module):
     """Base class. Subclasses set `n_views` and implement `encode`, `loss` and, when they need one,
     `prepare` (the parts of `forward(views, index) -> dict`).
 
-    forward returns a dict with at least "loss" (a scalar tensor); other entries are logged.
+    forward returns a dict with at least "loss" (a scalar tensor) and "embedding" (the first view's
+    representation, detached: the collapse alarm's input); other entries are logged.
     `views` is a list of `n_views` float tensors (B, 3, H, W); `index` the (B,) instance indices.
     """
 
@@ -60,7 +61,8 @@ class Method(nn.Module):
         if encode_only:
             return self.encode(views)
         ctx = self.prepare(views, index)
-        return self.loss(self.encode(views), ctx, index)
+        reps = self.encode(views)
+        return {**self.loss(reps, ctx, index), "embedding": reps[0].detach()}
 
     def prepare(self, views: list[Tensor], index: Tensor, chunk: int | None = None):
         """What the loss needs besides the representations, computed once per step without a gradient
@@ -111,6 +113,10 @@ class Method(nn.Module):
         """Parameters the method updates itself in `optimizer_step` (PIC's classifier rows); the
         engine's optimiser leaves them out. Empty by default."""
         return []
+
+    def before_step(self, lr: float) -> None:
+        """Called before each step's forward with the learning rate its optimiser step will use (PIC's
+        fused head updates its rows inside the backward). No-op by default."""
 
     def optimizer_step(self, lr: float) -> None:
         """Called right after the engine's optimiser step, with the learning rate that step used:

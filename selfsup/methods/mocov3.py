@@ -11,7 +11,9 @@ symmetric InfoNCE against the keys of the whole global batch (no queue).
   to 1 at t=T, the run's ``train.epochs * (N // train.batch_size)`` steps (set in :meth:`setup`).
   The EMA runs in :meth:`after_step` of step t (0-based) with ``m_{t+1}``: MoCo v3 updates at the
   start of step t+1 with that value, so the key encoder of every forward is the same as theirs.
-  The count of steps done is the buffer ``ema_step`` (checkpointed: a resume continues the schedule).
+  The count of steps done is the buffer ``ema_step`` (checkpointed: a resume continues the schedule);
+  the step reads it from a host-side copy (:meth:`steps_done`), so a steady-state step never waits
+  for the device to read it back (one read after the buffer is loaded, moved or written elsewhere).
   Key BN: running statistics are EMA'd like the parameters (BN momentum 0 in the key encoder), as
   in :mod:`selfsup.methods.moco`.
 * ``mocov3.freeze_patch_embed`` (default true): a backbone with a ``patch_embed`` module (timm
@@ -84,6 +86,7 @@ class MoCoV3(Method):
             if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 mod.momentum = 0.0   # running stats come only from the EMA
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+        self._host_step = None   # (the buffer tensor, its version, its value): ema_step without a device read
 
     def setup(self, num_samples: int) -> None:
         self.total_steps = self.epochs * (num_samples // self.batch_size)
@@ -93,6 +96,15 @@ class MoCoV3(Method):
 
     def key_params(self) -> list:
         return list(self.key_backbone.parameters()) + list(self.key_head.parameters())
+
+    def steps_done(self) -> int:
+        """``int(ema_step)``, read from the device only when the buffer is not the one this module last
+        counted (a new tensor after ``.to()``, or written by ``load_state_dict`` or another in-place op:
+        its version moved); otherwise from the host-side copy, no host sync."""
+        buf, cached = self.ema_step, self._host_step
+        if cached is None or cached[0] is not buf or cached[1] != buf._version:
+            cached = self._host_step = (buf, buf._version, int(buf))
+        return cached[2]
 
     def momentum_at(self, step: int) -> float:
         """The EMA momentum after `step` steps (cosine from mocov3.momentum to 1 over the run)."""
@@ -120,7 +132,7 @@ class MoCoV3(Method):
         (q1, q2), (k1, k2) = reps, ctx
         offset, t = D.rank() * index.shape[0] + (part.start or 0), self.temperature
         loss = mocov3_contrastive(q1, k2, offset, t) + mocov3_contrastive(q2, k1, offset, t)
-        return {"loss": loss, "momentum": self.momentum_at(int(self.ema_step))}
+        return {"loss": loss, "momentum": self.momentum_at(self.steps_done())}
 
     def momentum_update(self, m: float) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q for parameters and float buffers; int buffers copied."""
@@ -128,5 +140,7 @@ class MoCoV3(Method):
 
     def after_step(self) -> None:
         """Count the step, then EMA-update the key encoder with the momentum of the next step."""
-        self.ema_step += 1
-        self.momentum_update(self.momentum_at(int(self.ema_step)))
+        step = self.steps_done() + 1
+        self.ema_step += 1   # on the device; the host-side copy follows without reading it back
+        self._host_step = (self.ema_step, self.ema_step._version, step)
+        self.momentum_update(self.momentum_at(step))

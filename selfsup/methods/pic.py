@@ -28,6 +28,11 @@ temperature ``pic.temperature``), cross-entropy against the image's own index. S
 * **Smoothed labels** (``pic.smooth_alpha`` > 0, ``pic.smooth_k`` = K): target 1 - alpha on the own
   class, alpha / K on the K rows most similar to its row (cos(w_i, w_j)), refreshed before each
   step for the batch's targets (per-shard top-K merged across ranks; O(B N D / world) per step).
+* **Fused head** (``pic.fused``): the large crop's backward applies the row update chunk by chunk
+  (:mod:`selfsup.instance.fused`: no (N, D) gradient, each row read and written once per backward);
+  the same step as the unfused one to float32 rounding. The lr comes from :meth:`before_step`; the
+  small crops' heads run their backward first (they are built later), so they see the rows as they
+  were. A moved row cannot be put back, so it needs ``train.nonfinite=stop``.
 * **One gather per step**: the batch's instance ids are all-gathered once; the targets and smoothed
   labels of the global batch (:class:`~selfsup.instance.Targets`) serve the large crop and every
   small crop.
@@ -43,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.augment import augment_from_config
-from ..instance import InstanceClassifier, RecentInstances, Targets, gather_rows, row_sgd_
+from ..instance import InstanceClassifier, RecentInstances, RowUpdate, Targets, gather_rows, row_sgd_
 from ..parallel import distributed as D
 from .base import Encode, Method
 
@@ -67,6 +72,7 @@ class PIC(Method):
         self.small_aug = augment_from_config(cfg.aug, c.small_size, c.small_scale) if c.small_crops else None
         self.large_aug = augment_from_config(cfg.aug, c.large_size) if c.large_size else None
         self._pending = None
+        self.fused, self._lr = c.fused, None   # pic.fused needs train.nonfinite=stop (checked with the config)
         self._register_load_state_dict_pre_hook(self._take_own_shard)
 
     def setup(self, num_samples: int) -> None:
@@ -129,25 +135,37 @@ class PIC(Method):
         # not per_sample_loss: under torch.distributed every call of the sharded classifier gathers and
         # all-reduces, so a micro-batched step computes it once, on every chunk's representations
         gidx, targets, rows = ctx
-        loss = self.clf(reps[0], targets, rows)
+        update = None
+        if self.fused and self._lr is not None and torch.is_grad_enabled():
+            update = RowUpdate(self.clf.weight, self.clf_momentum, self._lr * self.row_lr_scale, self.row_momentum,
+                               self.row_weight_decay)
+        loss = self.clf(reps[0], targets, rows, update=update)
         for z in reps[1:]:   # small crops: the rows are detached, they train the encoder only
             loss = loss + self.clf(z, targets, rows, detach=True)
-        self._pending = (rows, gidx)
+        self._pending = (rows, gidx, update.lr if update is not None else None)
         return {"loss": loss / len(reps)}
+
+    def before_step(self, lr: float) -> None:
+        self._lr = lr
 
     def optimizer_step(self, lr: float) -> None:
         """SGD with momentum and weight decay on the rows that took part in the step."""
         if self._pending is None:
             return
-        rows, gidx = self._pending
-        row_sgd_(self.clf.weight, self.clf_momentum, rows, lr * self.row_lr_scale, self.row_momentum,
-                 self.row_weight_decay)
+        rows, gidx, fused_lr = self._pending
+        if fused_lr is None:
+            row_sgd_(self.clf.weight, self.clf_momentum, rows, lr * self.row_lr_scale, self.row_momentum,
+                     self.row_weight_decay)
+        elif fused_lr != lr * self.row_lr_scale:   # the fused head moved the rows in the backward already
+            raise RuntimeError(f"the fused head updated the rows at lr {fused_lr}, the step's lr is "
+                               f"{lr * self.row_lr_scale}: before_step got another lr than optimizer_step")
+        self._lr = None
         if self.recent is not None:
             self.recent.push(gidx)
         self._pending = None
 
     def discard_step(self) -> None:
-        self._pending = None
+        self._pending, self._lr = None, None
         self.clf.weight.grad = None
 
     @torch.no_grad()

@@ -133,14 +133,15 @@ def _timm_model(name: str, args: dict | None) -> tuple[nn.Module, int]:
     to (B, D). Returns (model, D); D is ``num_features`` (``head_hidden_size`` for pre-logits heads)."""
     import timm   # only for timm backbones
 
-    args = dict(args or {})
-    args.setdefault("drop_path_rate", 0.0)   # MoCo v3: no drop-path during pre-training unless asked
+    given = dict(args or {})
+    args = {"drop_path_rate": 0.0, **given}   # MoCo v3: no drop-path during pre-training unless asked
     if not timm.is_model(name):
         check_timm_name(name)   # raises, with close matches (config.validate has normally done so already)
     try:
         net = timm.create_model(name, pretrained=False, num_classes=0, **args)
-    except TypeError as e:
-        raise ConfigError(f"model.backbone=timm/{name} does not take model.backbone_args {dict(args)}: {e}") from None
+    except (TypeError, ValueError, AssertionError, ZeroDivisionError, RuntimeError) as e:   # validate() names the key
+        raise ConfigError(f"timm cannot build timm/{name} with model.backbone_args {given} ({type(e).__name__}: "
+                          f"{e}): change or remove the value it names") from None
     patch = getattr(net, "patch_embed", None)
     size = tuple(getattr(patch, "img_size", None) or (64, 64))
     was_training = net.training
@@ -149,9 +150,11 @@ def _timm_model(name: str, args: dict | None) -> tuple[nn.Module, int]:
         with torch.no_grad():
             out = net(torch.zeros(2, 3, *size))
     except Exception as e:  # noqa: BLE001 - any failure means it is not an image encoder we can use
+        fix = (f"Check model.backbone_args {given} (in_chans 3, patch_size at most img_size) or choose an image "
+               "classification" if given else "Choose an image classification")
         raise ConfigError(f"model.backbone=timm/{name} is not an image encoder: its forward on a (2, 3, {size[0]}, "
-                          f"{size[1]}) batch failed ({type(e).__name__}: {e}). Choose an image classification "
-                          "model (e.g. timm/vit_small_patch16_224, timm/resnet50)") from None
+                          f"{size[1]}) batch failed ({type(e).__name__}: {e}). {fix} model (e.g. "
+                          "timm/vit_small_patch16_224, timm/resnet50)") from None
     net.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

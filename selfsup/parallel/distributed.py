@@ -36,6 +36,7 @@ __all__ = [
     "setup_distributed",
     "cleanup_distributed",
     "is_timeout",
+    "say",
 ]
 
 
@@ -52,6 +53,13 @@ def world_size() -> int:
 def rank() -> int:
     """Rank of this process in the default group (0 when not distributed)."""
     return dist.get_rank() if is_dist() else 0
+
+
+def say(line: str, file=None) -> None:
+    """Print ``[selfsup] line`` on rank 0 only: the rank in the process group, or before one is made,
+    torchrun's RANK (every process prints alone when there is neither). `file`: sys.stdout by default."""
+    if (rank() == 0) if is_dist() else os.environ.get("RANK", "0").strip() in ("", "0"):
+        print(f"[selfsup] {line}", file=file)
 
 
 def _check_equal_shapes(x: Tensor) -> None:

@@ -2,6 +2,7 @@
 refuses a used folder, a failed start leaves nothing behind, stale *.tmp are removed, train.resume=auto."""
 import hashlib
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -74,8 +75,46 @@ def test_a_fresh_run_refuses_a_non_empty_folder(tmp_path):
     before = hashes(run)
     with pytest.raises(ConfigError, match="not empty") as e:
         train(load_config(None, FAST + [f"run_dir={run}"]))
-    assert f"--resume {run}" in str(e.value) and "run_dir=" in str(e.value) and "remove" in str(e.value)
+    # no checkpoint: nothing to --resume (issue 23: the suggested --resume failed)
+    assert "--resume" not in str(e.value) and "run_dir=" in str(e.value) and "remove" in str(e.value)
     assert hashes(run) == before and sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_run_that_never_checkpointed_is_refused_with_a_fix_that_works(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(load_config(None, FAST + [f"run_dir={run}"]))
+    (run / "checkpoints/last.pt").unlink()   # as a run that failed in its first step leaves it
+    assert main(["train", *FAST, f"run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume " not in err and "before its first checkpoint" in err and "--resume-if-exists" in err, err
+    assert main(["train", *FAST, f"run_dir={run}", "--resume-if-exists"]) == 0   # the fix it names
+
+
+def test_resume_auto_needs_a_fixed_run_dir(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *FAST, "--resume-if-exists"]) == 2
+    assert "needs a fixed run_dir" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="run_dir=DIR"):
+        train(load_config(None, FAST + ["train.resume=auto"]))
+    assert not Path("runs").exists()   # no timestamped folder was made
+
+
+@pytest.mark.parametrize("preset", ["mocov2-fmnist-cpu", "pic-fmnist-cpu", "mocov3-vit-fmnist-cpu"])
+def test_micro_batch_1_with_batchnorm_is_refused_before_any_folder(preset, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", preset, "data.name=synthetic", "train.batch_size=16", "train.max_steps=1", "eval.every=0",
+            "train.threads=1", "train.micro_batch=1", f"run_dir={run}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "train.micro_batch=1 cannot train" in err and "train.micro_batch=2 or more" in err, err
+    assert not run.exists()
+
+
+def test_micro_batch_1_with_a_timm_batchnorm_backbone_leaves_no_folder(tmp_path, capsys):
+    run = tmp_path / "run"   # a BN-free head (model.head_layers=1): the BN is seen when the model is built
+    assert main(["train", *FAST, "model.backbone=timm/resnet18", "model.head_layers=1",
+                 "train.micro_batch=1", f"run_dir={run}"]) == 2
+    assert "timm/resnet18 (it has BatchNorm layers)" in capsys.readouterr().err and not run.exists()
 
 
 def test_a_failed_start_leaves_no_folder(tmp_path, monkeypatch, capsys):
@@ -124,3 +163,24 @@ def test_resume_auto_starts_over_a_start_killed_before_its_first_checkpoint(tmp_
     assert train(load_config(None, FAST + [f"run_dir={run}", "train.resume=auto"]))["step"] == 2
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(e["step"] <= 2 for e in events) and events[-1]["event"] == "final"
+
+
+def test_a_rank_timeout_says_resume_only_when_there_is_a_checkpoint(tmp_path, monkeypatch):
+    from selfsup.engine import trainer as T
+    from selfsup.errors import CollectiveTimeoutError
+
+    def stuck(cfg, resume):
+        raise RuntimeError("Timed out waiting 1000ms for recv operation to complete")
+
+    for name, value in (("is_dist", lambda: True), ("rank", lambda: 1), ("world_size", lambda: 2)):
+        monkeypatch.setattr(T.D, name, value)
+    monkeypatch.setattr(T, "Trainer", stuck)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg = load_config(None, FAST + [f"run_dir={run}"])
+    with pytest.raises(CollectiveTimeoutError, match="no checkpoint yet") as e:
+        T.train(cfg)
+    assert "--resume " not in str(e.value)
+    (run / "checkpoints/last.pt").write_bytes(b"a checkpoint")
+    with pytest.raises(CollectiveTimeoutError, match=f"--resume {re.escape(str(run))}"):
+        T.train(cfg)

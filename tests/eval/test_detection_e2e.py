@@ -20,7 +20,7 @@ def test_fake_detection_ssl_beats_random_init_and_reaches_the_report(tmp_path, c
     capsys.readouterr()
     # the backbone as a fixed feature extractor (frozen BN, no trainable stage), 150 iterations each
     assert main(["eval", "detection", "--run", str(run), "--preset", "det-shapes-cpu", "--root", str(data),
-                 "--init", "both", "eval.det_iters=150"]) == 0
+                 "--init", "both", "det.iters=150"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     saved = json.loads((run / "eval" / "detection.json").read_text())
     assert saved == res

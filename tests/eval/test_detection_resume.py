@@ -24,9 +24,9 @@ def shapes(tmp_path_factory):
 
 
 def _cfg(root, *extra):
-    return load_config("det-shapes-cpu", ["device=cpu", "model.backbone=resnet_small", f"eval.det_root={root}",
-                                          "eval.det_iters=6", "eval.det_warmup_iters=2", "eval.det_log_every=2",
-                                          "eval.det_min_sizes=[40,48]", "eval.det_test_size=48", *extra])
+    return load_config("det-shapes-cpu", ["device=cpu", "model.backbone=resnet_small", f"det.root={root}",
+                                          "det.iters=6", "det.warmup_iters=2", "det.log_every=2",
+                                          "det.min_sizes=[40,48]", "det.test_size=48", *extra])
 
 
 def _encoder():
@@ -35,9 +35,9 @@ def _encoder():
 
 
 def test_moco_schedule_scales_with_the_batch():
-    e = load_config(None).eval
+    e = load_config(None).det
     assert det_schedule(e) == {"iters": 24000, "lr": 0.02, "steps": [18000, 22000], "warmup": 100, "batch": 16}
-    e = load_config(None, ["eval.det_batch_size=8"]).eval
+    e = load_config(None, ["det.batch_size=8"]).det
     assert det_schedule(e) == {"iters": 48000, "lr": 0.01, "steps": [36000, 44000], "warmup": 200, "batch": 8}
 
 
@@ -65,21 +65,21 @@ def test_sigterm_stops_and_the_resume_is_exact(shapes, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["event"] == "det_train"] == [2, 4, 6]
 
-    with pytest.raises(CheckpointError, match="det_lr"):   # another setting: refused, folder kept
-        run_detection(_cfg(shapes, "eval.det_lr=0.05"), _encoder(), tmp_path / "cut", "random", "test")
+    with pytest.raises(CheckpointError, match="lr: 0.02 -> 0.05"):   # another setting: refused, folder kept
+        run_detection(_cfg(shapes, "det.lr=0.05"), _encoder(), tmp_path / "cut", "random", "test")
 
 
 def test_cli_errors_are_one_line(shapes, tmp_path, capsys):
     assert main(["eval", "detection", "--checkpoint", "x.pt"]) == 2
     assert "--out" in capsys.readouterr().err
     assert main(["eval", "detection", "--run", str(tmp_path / "none")]) == 2
-    assert main(["eval", "detection", "--run", "r", "eval.det_norm=group"]) == 2
+    assert main(["eval", "detection", "--run", "r", "det.norm=group"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "frozen, sync" in err
 
 
 def _two_ranks(rank, world, root, out):
-    cfg = _cfg(root, "eval.det_iters=4")
+    cfg = _cfg(root, "det.iters=4")
     res = run_detection(cfg, _encoder(), out, "random", "test")
     ck = load_checkpoint(f"{out}/checkpoints/last.pt") if rank == 0 else None
     return res, ck["iteration"] if ck else None
@@ -109,8 +109,8 @@ def test_coco_format_data_trains_and_scores(shapes, tmp_path):
         cats = [{"id": k + 11, "name": n} for k, n in enumerate(SHAPE_CLASSES)]
         (tmp_path / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns,
                                                             "categories": cats}))
-    cfg = _cfg(jpeg, "eval.det_data=coco", f"eval.det_ann={tmp_path / 'train.json'}", "eval.det_iters=2",
-               f"eval.det_test_ann={tmp_path / 'test.json'}", "eval.det_classes=null")
+    cfg = _cfg(jpeg, "det.data=coco", f"det.ann={tmp_path / 'train.json'}", "det.iters=2",
+               f"det.test_ann={tmp_path / 'test.json'}", "det.classes=null")
     res = run_detection(cfg, _encoder(), tmp_path / "coco", "random", "test")
     assert res["classes"] == 3 and res["test_images"] == 6 and "COCO-format train.json -> test.json" in res["protocol"]
 
@@ -158,6 +158,119 @@ def test_bf16_runs_the_backbone_only_and_the_heads_in_fp32():
 
 
 def test_a_non_finite_loss_stops_with_the_fix_named(shapes, tmp_path):
-    cfg = _cfg(shapes, "eval.det_lr=1e12", "eval.det_warmup_iters=0")
-    with pytest.raises(NonFiniteLossError, match="lower eval.det_lr"):
+    cfg = _cfg(shapes, "det.lr=1e12", "det.warmup_iters=0")
+    with pytest.raises(NonFiniteLossError, match="lower det.lr"):
         run_detection(cfg, _encoder(), tmp_path / "nan", "random", "test")
+
+
+def test_a_detector_of_another_encoder_is_refused_not_resumed(shapes, tmp_path):
+    from selfsup.engine.checkpoint import save_checkpoint
+    from selfsup.engine.detection import encoder_digest
+
+    cfg, out = _cfg(shapes, "det.iters=2"), tmp_path / "det"
+    run_detection(cfg, _encoder(), out, "ssl", "run A")   # finished: a rerun would only test it again
+    other = _encoder()
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)   # the run's encoder changed since (or another run's)
+    with pytest.raises(CheckpointError, match="trained from run A .*not from run B.*new --out.*--restart"):
+        run_detection(cfg, other, out, "ssl", "run B")
+    res = run_detection(cfg, other, out, "ssl", "run B", restart=True)
+    ck = load_checkpoint(out / "checkpoints/last.pt")
+    assert ck["encoder"] == {"sha256": encoder_digest(other), "source": "run B"} and ck["iteration"] == 2
+    assert res["encoder_sha256"] == encoder_digest(other) != encoder_digest(_encoder())
+    assert run_detection(cfg, other, out, "ssl", "run B moved")["ap50"] == res["ap50"]   # the same weights resume
+    old_names = dict(ck, det_config={f"det_{k}": v for k, v in ck["det_config"].items()})
+    save_checkpoint(old_names, out / "checkpoints/last.pt")   # as older selfsup wrote it: eval.det_<key> names
+    assert run_detection(cfg, other, out, "ssl", "run B")["ap50"] == res["ap50"]
+    del ck["encoder"]   # written before the encoder was recorded: nothing says whose it is
+    save_checkpoint(ck, out / "checkpoints/last.pt")
+    with pytest.raises(CheckpointError, match="does not record"):
+        run_detection(cfg, other, out, "ssl", "run B")
+
+
+def _damage_first_test_box(root):
+    import re
+    import shutil
+
+    shutil.copytree(root, root + "-damaged")
+    base = f"{root}-damaged/VOCdevkit/VOC2007"
+    name = open(f"{base}/ImageSets/Main/test.txt").read().split()[0]
+    xml = f"{base}/Annotations/{name}.xml"
+    text = open(xml).read()
+    open(xml, "w").write(re.sub(r"<xmax>\d+</xmax>", "<xmax>0</xmax>", text, count=1))
+    return root + "-damaged", name
+
+
+def test_damaged_test_annotations_stop_before_any_training(shapes, tmp_path, capsys):
+    from selfsup.errors import DatasetFormatError
+
+    root, name = _damage_first_test_box(shapes)
+    with pytest.raises(DatasetFormatError, match=f"{name}.xml: object 0 .*empty or inverted.*data.on_error=skip"):
+        run_detection(_cfg(root), _encoder(), tmp_path / "det", "ssl", "test")
+    assert not (tmp_path / "det").exists()   # refused before the first iteration, not after all of them
+    res = run_detection(_cfg(root, "data.on_error=skip", "det.iters=1"), _encoder(), tmp_path / "det", "ssl",
+                        "test")
+    assert res["test_images"] == 6
+    assert "VOC 2007 test: skipped 0 damaged image(s) and 1 damaged object(s)" in capsys.readouterr().out
+
+
+def _cli(shapes, out, *extra):
+    """`eval detection` on an encoder state dict of the tiny resnet_small, 2 iterations into `out`."""
+    return main(["eval", "detection", "--checkpoint", str(out.parent / "enc.pt"), "--config", "simclr-fmnist-cpu",
+                 "--preset", "det-shapes-cpu", "--root", shapes, "--out", str(out), "model.backbone=resnet_small",
+                 "model.width=8", "model.cifar_stem=false", "det.iters=2", "det.warmup_iters=1",
+                 "det.min_sizes=[48]", "det.test_size=48", "device=cpu", *extra])
+
+
+def test_cli_refuses_another_encoders_detector_until_restart(shapes, tmp_path, capsys):
+    torch.save(_encoder().state_dict(), tmp_path / "enc.pt")
+    assert _cli(shapes, tmp_path / "out") == 0
+    enc = _encoder()
+    with torch.no_grad():
+        next(enc.parameters()).mul_(2)
+    torch.save(enc.state_dict(), tmp_path / "enc.pt")
+    capsys.readouterr()
+    assert _cli(shapes, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfsup: error: ") and "--restart" in err and "Traceback" not in err
+    assert _cli(shapes, tmp_path / "out", "--restart") == 0
+
+
+def test_a_second_eval_detection_on_the_folder_is_refused(shapes, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from selfsup.engine.detection import folder_lock
+
+    torch.save(_encoder().state_dict(), tmp_path / "enc.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+                               "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+                               "time.sleep(120)", str(out / ".detection.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert _cli(shapes, out) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("selfsup: error: ") and f"{out} is in use by another" in err
+        assert not (out / "detection").exists()
+    finally:
+        holder.kill()   # the kernel releases a killed process's lock
+        holder.wait()
+    with folder_lock(out):
+        pass
+    with pytest.raises(RuntimeError), folder_lock(out):   # and the block's own lock on an error
+        raise RuntimeError
+    with folder_lock(out):
+        pass
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{\"runs\": 3}", "{not json", ""])
+def test_a_detection_json_that_is_not_an_object_is_named_before_training(text, shapes, tmp_path, capsys):
+    torch.save(_encoder().state_dict(), tmp_path / "enc.pt")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "detection.json").write_text(text)
+    assert _cli(shapes, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfsup: error: ") and f"{tmp_path / 'out' / 'detection.json'} is not a detection" in err
+    assert not (tmp_path / "out" / "detection").exists()

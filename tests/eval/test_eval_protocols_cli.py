@@ -63,3 +63,27 @@ def test_eval_finetune(run, capsys):
 def test_bad_settings_exit_2(run, argv, needle, capsys):
     assert main(["eval", argv[0], "--run", str(run), *argv[1:]]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_another_runs_checkpoint_is_never_filed_under_the_run(run, tmp_path_factory, capsys):
+    other = tmp_path_factory.mktemp("evalrun") / "other"
+    assert main(["train", *TINY, "train.max_steps=2", "eval.every=0", "seed=7", f"run_dir={other}"]) == 0
+    ck = other / "checkpoints/last.pt"
+    before = sorted((run / "eval").glob("*")) if (run / "eval").exists() else []
+    for argv in (["eval", "knn"], ["eval", "linear"], ["eval", "logreg"], ["eval", "finetune"], ["embed"],
+                 ["visualize", "--method", "pca"], ["eval", "detection"]):
+        assert main([*argv, "--run", str(run), "--checkpoint", str(ck)]) == 2
+        err = capsys.readouterr().err
+        assert "is not a file of run" in err and "--out DIR" in err, err
+    assert (sorted((run / "eval").glob("*")) if (run / "eval").exists() else []) == before
+    out = tmp_path_factory.mktemp("other-eval")
+    for protocol, extra in (("knn", "eval.knn_k=5"), ("linear", "eval.linear_epochs=1")):
+        assert main(["eval", protocol, "--run", str(run), "--checkpoint", str(ck), "--out", str(out), extra]) == 0
+        res = last_json(capsys)
+        assert res["protocol"].endswith(f"; encoder: {ck.resolve()}")
+        assert json.loads((out / f"{protocol}.json").read_text()) == res
+    # key=value after an option's value; the run's own checkpoint goes under the run, named
+    assert main(["eval", "knn", "--run", str(run), "--checkpoint", str(run / "checkpoints/last.pt"), "--k", "1",
+                 "eval.knn_k=5"]) == 0
+    assert "k=5" in last_json(capsys)["protocol"]
+    assert "; encoder: " in json.loads((run / "eval/knn.json").read_text())["protocol"]

@@ -126,9 +126,11 @@ def test_visualize_bad_input_exits_2(run, tmp_path, capsys):
     flat.mkdir()
     for i in range(4):
         Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(flat / f"{i}.png")
+    # unlabelled images are drawn plain (no classes, no precision), not refused
+    assert main(["visualize", "--run", str(run), "--split", "train", "data.name=imagefolder", f"data.root={flat}",
+                 "--method", "pca"]) == 0
+    assert last_json(capsys)["neighbour_precision"] is None
     cases = [
-        (["visualize", "--run", str(run), "--split", "train", "data.name=imagefolder", f"data.root={flat}"],
-         "no labels"),
         (["visualize", "--checkpoint", str(run / "checkpoints/last.pt")], "--out"),
         (["visualize", "--run", str(tmp_path / "nope")], "does not exist"),
         (["visualize", "--run", str(run), "--queries", "0"], "at least 1"),

@@ -568,11 +568,15 @@ def test_bench_classifier_run_smoke(tmp_path):
     out = tmp_path / "bench.json"
     res = run({"quick": True, "ns": [50], "dim": 4, "batch": 8, "num_recent": 16, "sharded_world": 1,
                "repeats": 1, "out": str(out)})
-    assert [(r["n"], r["mode"], r["world"], r["candidates"]) for r in res["rows"]] == [(50, "full", 1, 50),
-                                                                                       (50, "sampled", 1, 24)]
-    assert out.exists() and "step ms" in res["table"] and "ratio" in res["table"]
+    assert [(r["n"], r["mode"], r["world"], r["path"], r["candidates"]) for r in res["rows"]] == [
+        (50, "full", 1, "fused", 50), (50, "full", 1, "reference", 50),
+        (50, "sampled", 1, "fused", 24), (50, "sampled", 1, "reference", 24)]
+    assert out.exists() and "step ms" in res["table"] and "ratio" in res["table"] and "path" in res["table"]
     for r in res["rows"]:
         assert r["bound_ms"] > 0 and r["ratio"] > 0
+        assert (r["chunk"] is not None) == (r["path"] == "fused")
+    for fused, ref in zip(res["rows"][::2], res["rows"][1::2]):   # the same first steps: the same loss
+        assert abs(fused["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
     dev = res["device"]
     assert dev["bandwidth_gbs"] > 0 and dev["matmul_tflops"] > 0 and dev["matmul_dtype"] == "float32"
     assert any(n.startswith("target:") for n in res["notes"])

@@ -59,6 +59,38 @@ def test_backbone_args_only_for_timm_and_must_be_names():
         load_config("simclr-fmnist-cpu", [f"model.backbone={VIT}", "model.backbone_args={img_size:32}"])
 
 
+@pytest.mark.parametrize("arg,needle", [
+    ("depth=-1", "model.backbone_args.depth=-1 is not valid"),
+    ("patch_size=0", "model.backbone_args.patch_size=0 is not valid"),
+    ("num_heads=0", "model.backbone_args.num_heads=0 is not valid"),
+    ("embed_dim=97", "model.backbone_args.embed_dim=97 is not divisible by num_heads=3"),
+    ("mlp_ratio=-1", "model.backbone_args.mlp_ratio=-1 is not valid"),
+    ("drop_path_rate=2", "model.backbone_args.drop_path_rate=2 is not valid"),
+    ("embed_dim=1000000000", "model.backbone_args.embed_dim=1000000000"),
+    ("embed_dim=300000", "too large"),
+    ("in_chans=1", "model.backbone_args.in_chans=1 is not valid: it must be 3"),
+    ("patch_size=64", "model.backbone_args.patch_size=64 is larger than img_size=28"),
+    ("class_token=false", "model.backbone_args.class_token=False (AssertionError"),
+    ("bogus=1", "model.backbone_args.bogus=1 (TypeError"),
+])
+def test_backbone_args_timm_rejects_are_config_errors_naming_the_key_before_any_data(arg, needle, tmp_path, capsys):
+    from selfsup.cli import main
+
+    run = tmp_path / "run"   # data.name=fashion-mnist is not installed here: the check comes before the data
+    assert main(["train", "mocov3-vit-fmnist-cpu", f"model.backbone_args.{arg}", f"run_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfsup: error: ") and needle in err, err
+    assert not run.exists()
+
+
+def test_backbone_args_timm_rejects_are_config_errors_when_building_too():
+    for bad in ({"num_heads": 0}, {"embed_dim": 33}, {"depth": -1}):   # past validation (the Python API)
+        with pytest.raises(ConfigError, match="timm cannot build"):
+            build_backbone(VIT, backbone_args={**VIT_ARGS, **bad})
+    with pytest.raises(ConfigError, match=r"Check model.backbone_args .*in_chans 3"):
+        build_backbone(VIT, backbone_args={**VIT_ARGS, "in_chans": 1})
+
+
 def test_a_timm_model_without_pooled_features_is_refused():
     with pytest.raises(ConfigError, match="not an image encoder with pooled features"):
         build_backbone(VIT, backbone_args={**VIT_ARGS, "global_pool": ""})
