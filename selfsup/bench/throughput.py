@@ -186,7 +186,7 @@ def _flop_views(model, cfg, sizes: list[int]) -> dict:
     """Which views pass through the backbone with a backward (x3 FLOPs) and which only forward (x1):
     every view is trained, except MoCo's, where x1 (and x2 when symmetric) goes through the query
     encoder and x2 (and x1) through the key encoder without gradient."""
-    if hasattr(model, "key_backbone"):
+    if hasattr(model, "key_encoder"):
         q = sizes if cfg.moco.symmetric else sizes[:1]
         return {"trained_views": list(q), "forward_views": list(sizes if cfg.moco.symmetric else sizes[1:])}
     return {"trained_views": list(sizes), "forward_views": []}

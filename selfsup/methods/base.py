@@ -22,6 +22,7 @@ The hooks, in the order the engine calls them:
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -167,6 +168,45 @@ def in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int | None) -> T
     if not chunk or chunk >= x.shape[0]:
         return fn(x)
     return torch.cat([fn(x[p]) for p in chunks(x.shape[0], chunk)])
+
+
+class KeyEncoder(nn.Module):
+    """The momentum ("key") encoder of MoCo v1-v3: ``forward(x) = head(backbone(x))`` with frozen copies
+    of the query's backbone and head, moved toward them by ``update(m)`` (an EMA: theta_k <- m theta_k +
+    (1 - m) theta_q, BN running statistics too) and never by gradients. Its BatchNorm layers get
+    momentum 0, so its own forwards (train mode: batch statistics) leave their running statistics alone:
+    those are exactly an EMA of the query's. `has_bn`: whether it has any BatchNorm (shuffle BN needs it).
+
+    State-dict names: ``key_encoder.backbone.*`` and ``key_encoder.head.*``; a method holding one
+    registers :func:`rename_old_key_encoder` so checkpoints with the older ``key_backbone.*`` /
+    ``key_head.*`` names still load."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = copy.deepcopy(backbone), copy.deepcopy(head)
+        self.requires_grad_(False)
+        self._query = (backbone, head)   # a plain tuple: not registered, not in the state dict
+        self.has_bn = False
+        for mod in self.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.momentum = 0.0
+                self.has_bn = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+    @torch.no_grad()
+    def update(self, m: float) -> None:
+        """Move the key encoder toward the query's backbone and head with momentum `m`."""
+        ema_update_(((self._query[0], self.backbone), (self._query[1], self.head)), m)
+
+
+def rename_old_key_encoder(module, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook: ``key_backbone.*`` / ``key_head.*`` (MoCo checkpoints written before
+    :class:`KeyEncoder`) renamed to ``key_encoder.backbone.*`` / ``key_encoder.head.*`` in place."""
+    for old, new in (("key_backbone.", "key_encoder.backbone."), ("key_head.", "key_encoder.head.")):
+        for k in [k for k in state_dict if k.startswith(prefix + old)]:
+            state_dict[prefix + new + k[len(prefix + old):]] = state_dict.pop(k)
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ v1: ``model.head_layers=1`` (linear 128-d head), aug preset mocov1. v2: ``model.
 (MLP head), aug preset mocov2, cosine lr. Settings in ``cfg.moco`` (see ``MoCoConfig``).
 
 State (all in ``state_dict``, so checkpointed and restored): the key encoder
-(``key_backbone``, ``key_head``), ``queue`` (K, D) of unit-norm keys, ``queue_ptr`` (the
+(``key_encoder``, a :class:`~selfsup.methods.base.KeyEncoder`), ``queue`` (K, D) of unit-norm keys, ``queue_ptr`` (the
 next row to write) and ``queue_src`` (the rank that produced each row; -1 before it is written).
 
 Choices where the sources leave room:
@@ -27,8 +27,6 @@ Choices where the sources leave room:
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,7 +34,7 @@ from torch import Tensor, nn
 from ..losses import info_nce
 from ..parallel import distributed as D
 from ..parallel.shuffle_bn import shuffle_bn_forward, split_bn_forward
-from .base import Method, ema_update_, in_chunks
+from .base import KeyEncoder, Method, in_chunks, rename_old_key_encoder
 
 
 class MoCo(Method):
@@ -50,16 +48,9 @@ class MoCo(Method):
         c = cfg.moco
         self.momentum, self.temperature, self.symmetric = c.momentum, c.temperature, c.symmetric
         self.shuffle_bn, self.bn_splits = c.shuffle_bn, c.bn_splits
-        self.key_backbone = copy.deepcopy(self.backbone)
-        self.key_head = copy.deepcopy(self.head)
-        for p in self.key_params():
-            p.requires_grad_(False)
-        has_bn = False
-        for mod in self.key_modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                mod.momentum = 0.0   # running stats come only from the EMA (see module docstring)
-                has_bn = True
-        self.shuffle_bn = self.shuffle_bn and has_bn   # nothing to shuffle without BN (e.g. a ViT)
+        self.key_encoder = KeyEncoder(self.backbone, self.head)   # BN running stats only from the EMA
+        self._register_load_state_dict_pre_hook(rename_old_key_encoder, with_module=True)
+        self.shuffle_bn = self.shuffle_bn and self.key_encoder.has_bn   # nothing to shuffle without BN (a ViT)
         dim = cfg.model.proj_dim
         self.register_buffer("queue", F.normalize(torch.randn(c.queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -70,12 +61,6 @@ class MoCo(Method):
     def rank_identical_buffers(self) -> list[str]:
         return ["queue", "queue_ptr", "queue_src"]   # written in after_step from all ranks' keys
 
-    def key_modules(self):
-        return list(self.key_backbone.modules()) + list(self.key_head.modules())
-
-    def key_params(self):
-        return list(self.key_backbone.parameters()) + list(self.key_head.parameters())
-
     def query(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, D) query embeddings (not normalised)."""
         return self.head(self.backbone(x))
@@ -84,9 +69,7 @@ class MoCo(Method):
     def keys(self, x: Tensor, chunk: int | None = None) -> Tensor:
         """(B, 3, H, W) -> (B, D) unit-norm keys from the key encoder, in x's order (shuffle BN). `chunk`:
         without shuffle BN, encode at most this many images at once (split BN already does)."""
-        def enc(v):
-            return self.key_head(self.key_backbone(v))
-
+        enc = self.key_encoder
         if not self.shuffle_bn:
             k = in_chunks(enc, x, chunk)
         elif D.world_size() > 1:
@@ -134,7 +117,7 @@ class MoCo(Method):
 
     def momentum_update(self) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q for parameters and float buffers; int buffers copied."""
-        ema_update_(((self.backbone, self.key_backbone), (self.head, self.key_head)), self.momentum)
+        self.key_encoder.update(self.momentum)
 
     def discard_step(self) -> None:
         self._pending_keys = []

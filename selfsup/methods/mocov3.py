@@ -1,7 +1,7 @@
 """MoCo v3 (Chen, Xie and He 2021): query encoder with a prediction head, momentum key encoder,
 symmetric InfoNCE against the keys of the whole global batch (no queue).
 
-* query: ``predictor(head(backbone(x)))``; key: ``key_head(key_backbone(x))`` (no predictor), an
+* query: ``predictor(head(backbone(x)))``; key: ``key_encoder(x)`` (no predictor), an
   EMA of ``head(backbone(.))``. Heads are MoCo v3's MLPs (:func:`mocov3_mlp`): the projection head
   ``mocov3.proj_layers`` layers (3 for ViT, 2 for ResNet in the paper's code) with a last BN
   without affine, the predictor 2 layers without a last BN.
@@ -22,30 +22,21 @@ symmetric InfoNCE against the keys of the whole global batch (no queue).
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import Tensor, nn
 
 from ..losses import mocov3_contrastive
+from ..models.heads import mlp
 from ..parallel import distributed as D
-from .base import Method, ema_update_, in_chunks
+from .base import KeyEncoder, Method, in_chunks, rename_old_key_encoder
 
 
 def mocov3_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, last_bn: bool = True) -> nn.Sequential:
     """MoCo v3's MLP: (Linear(no bias) -> BN -> ReLU) x (layers - 1) -> Linear(no bias), then
     BN(affine=False) when `last_bn` (the projection head; the predictor has none)."""
-    if layers < 1:
-        raise ValueError(f"MLP layers must be >= 1, got {layers}")
-    mods, d = [], in_dim
-    for _ in range(layers - 1):
-        mods += [nn.Linear(d, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
-        d = hidden_dim
-    mods.append(nn.Linear(d, out_dim, bias=False))
-    if last_bn:
-        mods.append(nn.BatchNorm1d(out_dim, affine=False))
-    return nn.Sequential(*mods)
+    return mlp(in_dim, hidden_dim, out_dim, layers, out_bn=last_bn, out_bias=False)
 
 
 def cosine_momentum(m0: float, step: int, total: int) -> float:
@@ -78,13 +69,8 @@ class MoCoV3(Method):
         hidden = c.proj_hidden or feat_dim
         self.head = mocov3_mlp(feat_dim, hidden, c.proj_dim, c.proj_layers, last_bn=True)
         self.predictor = mocov3_mlp(c.proj_dim, c.pred_hidden or hidden, c.proj_dim, 2, last_bn=False)
-        self.key_backbone = copy.deepcopy(self.backbone)
-        self.key_head = copy.deepcopy(self.head)
-        for p in self.key_params():
-            p.requires_grad_(False)
-        for mod in list(self.key_backbone.modules()) + list(self.key_head.modules()):
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                mod.momentum = 0.0   # running stats come only from the EMA
+        self.key_encoder = KeyEncoder(self.backbone, self.head)   # BN running stats only from the EMA
+        self._register_load_state_dict_pre_hook(rename_old_key_encoder, with_module=True)
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
         self._host_step = None   # (the buffer tensor, its version, its value): ema_step without a device read
 
@@ -93,9 +79,6 @@ class MoCoV3(Method):
 
     def rank_identical_buffers(self) -> list[str]:
         return ["ema_step"]
-
-    def key_params(self) -> list:
-        return list(self.key_backbone.parameters()) + list(self.key_head.parameters())
 
     def steps_done(self) -> int:
         """``int(ema_step)``, read from the device only when the buffer is not the one this module last
@@ -118,7 +101,7 @@ class MoCoV3(Method):
     def keys(self, x: Tensor, chunk: int | None = None) -> Tensor:
         """(B, 3, H, W) -> (B, D) keys of the momentum encoder (no gradient), not normalised; in parts of
         at most `chunk` images (BN statistics per part)."""
-        return in_chunks(lambda p: self.key_head(self.key_backbone(p)), x, chunk)
+        return in_chunks(self.key_encoder, x, chunk)
 
     def prepare(self, views, index, chunk=None):
         """The keys of both views from every rank (gathered once)."""
@@ -136,7 +119,7 @@ class MoCoV3(Method):
 
     def momentum_update(self, m: float) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q for parameters and float buffers; int buffers copied."""
-        ema_update_(((self.backbone, self.key_backbone), (self.head, self.key_head)), m)
+        self.key_encoder.update(m)
 
     def after_step(self) -> None:
         """Count the step, then EMA-update the key encoder with the momentum of the next step."""

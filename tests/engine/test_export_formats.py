@@ -188,7 +188,7 @@ def test_eval_and_init_from_read_every_export(r18_run, tmp_path, capsys):
         got = load_file(str(run / "encoder.safetensors"))
         assert all(torch.equal(got[k], ref[k]) for k in ref if not k.endswith("num_batches_tracked")), export
         model = torch.load(run / "checkpoints/last.pt", weights_only=False)["model"]
-        assert torch.equal(model["key_backbone.conv1.weight"], ref["conv1.weight"])
+        assert torch.equal(model["key_encoder.backbone.conv1.weight"], ref["conv1.weight"])
 
 
 def _error(capsys, argv) -> str:

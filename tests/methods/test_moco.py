@@ -35,14 +35,14 @@ def images(b, seed, size=16):
 
 def test_key_encoder_is_a_frozen_copy_outside_the_optimiser():
     model = tiny_moco()
-    assert all(not p.requires_grad for p in model.key_params())
-    for a, b in zip(model.backbone.state_dict().values(), model.key_backbone.state_dict().values()):
+    assert all(not p.requires_grad for p in model.key_encoder.parameters())
+    for a, b in zip(model.backbone.state_dict().values(), model.key_encoder.backbone.state_dict().values()):
         assert torch.equal(a, b)
     keys = model.state_dict().keys()
-    assert {"queue", "queue_ptr"} <= keys and any(k.startswith("key_backbone.") for k in keys)
+    assert {"queue", "queue_ptr"} <= keys and any(k.startswith("key_encoder.backbone.") for k in keys)
     from selfsup.optim import param_groups
     opt_params = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
-    assert not opt_params & {id(p) for p in model.key_params()}
+    assert not opt_params & {id(p) for p in model.key_encoder.parameters()}
 
 
 def test_ema_update_is_exact_for_parameters_and_buffers():
@@ -52,14 +52,14 @@ def test_ema_update_is_exact_for_parameters_and_buffers():
         for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
             t.copy_(torch.randn(t.shape, generator=g))
     q = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    k_before = {k: v.clone() for k, v in model.key_backbone.state_dict().items()}
+    k_before = {k: v.clone() for k, v in model.key_encoder.backbone.state_dict().items()}
     for name, mod in model.backbone.named_modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.num_batches_tracked.fill_(7)
             q[name + ".num_batches_tracked"] = mod.num_batches_tracked.clone()
     model.after_step()
     m = 0.9
-    for key, kv in model.key_backbone.state_dict().items():
+    for key, kv in model.key_encoder.backbone.state_dict().items():
         if kv.is_floating_point():
             assert torch.equal(kv, m * k_before[key] + (1 - m) * q[key]), key
         else:
@@ -71,11 +71,11 @@ def test_ema_update_is_exact_for_parameters_and_buffers():
 
 def test_key_forward_leaves_key_bn_running_stats_alone():
     model = tiny_moco()
-    before = {k: v.clone() for k, v in model.key_backbone.state_dict().items() if "running" in k}
+    before = {k: v.clone() for k, v in model.key_encoder.backbone.state_dict().items() if "running" in k}
     model.train()
     model.keys(images(32, 0))
     for k, v in before.items():
-        assert torch.equal(model.key_backbone.state_dict()[k], v), k
+        assert torch.equal(model.key_encoder.backbone.state_dict()[k], v), k
 
 
 def test_queue_is_fifo_across_a_wrap_with_uneven_batches():
@@ -121,7 +121,7 @@ def test_method_keys_use_split_bn_and_original_order():
     ref = torch.empty_like(k)
     with torch.no_grad():
         for chunk in perm.tensor_split(4):
-            ref[chunk] = torch.nn.functional.normalize(model.key_head(model.key_backbone(x[chunk])), dim=1)
+            ref[chunk] = torch.nn.functional.normalize(model.key_encoder.head(model.key_encoder.backbone(x[chunk])), dim=1)
     torch.testing.assert_close(k, ref, rtol=0, atol=1e-5)
     assert torch.allclose(k.norm(dim=1), torch.ones(32))
 
@@ -230,3 +230,19 @@ def test_stop_and_resume_is_exact_with_a_filled_queue(tmp_path):
     train(load_config(str(tmp_path / "b/config.yaml"), ["train.max_steps=14"]), resume=str(tmp_path / "b"))
     sa = assert_same_model(tmp_path / "a", tmp_path / "b")
     assert int(sa["queue_ptr"]) == (14 * 2 * 32) % 80
+
+
+def test_checkpoints_with_the_old_key_encoder_names_still_load():
+    """Before KeyEncoder, MoCo's state dict named the key encoder key_backbone.* / key_head.*."""
+    cfg = load_config(None, TINY + ["method=moco", "model.head_layers=2"])
+    torch.manual_seed(0)
+    src = build_method(cfg)
+    def renamed(k):
+        return k.replace("key_encoder.backbone.", "key_backbone.").replace("key_encoder.head.", "key_head.")
+
+    old = {renamed(k): v + 1 if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    assert any(k.startswith("key_backbone.") for k in old) and any(k.startswith("key_head.") for k in old)
+    dst = build_method(cfg)
+    dst.load_state_dict(old)   # strict: every old name is mapped
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v + 1 if v.is_floating_point() else v), k

@@ -1,6 +1,5 @@
 """MoCo v3: loss and gradient against a float64 reference, cosine momentum, frozen patch
 projection, key encoder without gradient, 2 processes = 1 process on the whole batch, 3 steps."""
-import copy
 import importlib.util
 import math
 
@@ -14,6 +13,7 @@ from selfsup.config import load_config
 from selfsup.engine.trainer import train
 from selfsup.losses import mocov3_contrastive
 from selfsup.methods import build_method
+from selfsup.methods.base import KeyEncoder
 from selfsup.methods.mocov3 import MoCoV3, cosine_momentum
 
 MOCOV3 = TINY + ["method=mocov3", "mocov3.proj_hidden=32", "mocov3.proj_dim=16", "eval.every=0"]
@@ -105,10 +105,10 @@ def test_key_encoder_gets_no_gradient_and_ema_follows_the_schedule():
     model.setup(64)   # T = 2 steps
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
     model([x1, x2], torch.arange(8))["loss"].backward()
-    assert all(p.grad is None and not p.requires_grad for p in model.key_params())
+    assert all(p.grad is None and not p.requires_grad for p in model.key_encoder.parameters())
     assert all(p.grad is not None for p in model.predictor.parameters())
     q = {k: v.clone() for k, v in model.head.state_dict().items()}
-    k = {k: v.clone() for k, v in model.key_head.state_dict().items()}
+    k = {k: v.clone() for k, v in model.key_encoder.head.state_dict().items()}
     with torch.no_grad():
         for p in model.head.parameters():
             p.add_(1.0)
@@ -116,7 +116,7 @@ def test_key_encoder_gets_no_gradient_and_ema_follows_the_schedule():
     m = model.momentum_at(1)
     assert m == pytest.approx(0.995) and int(model.ema_step) == 1
     for name, p in model.head.named_parameters():
-        torch.testing.assert_close(model.key_head.state_dict()[name], m * k[name] + (1 - m) * (q[name] + 1.0))
+        torch.testing.assert_close(model.key_encoder.head.state_dict()[name], m * k[name] + (1 - m) * (q[name] + 1.0))
 
 
 # ---------------------------------------------------------------- distributed (2 gloo processes)
@@ -128,7 +128,7 @@ def linear_mocov3():
     torch.manual_seed(0)
     model = MoCoV3(cfg, nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10)), 10)
     model.head, model.predictor = nn.Linear(10, 6), nn.Linear(6, 6)
-    model.key_head = copy.deepcopy(model.head).requires_grad_(False)
+    model.key_encoder = KeyEncoder(model.backbone, model.head)
     return model.double().train()
 
 

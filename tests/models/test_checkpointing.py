@@ -143,7 +143,7 @@ def test_the_config_key_reaches_the_backbone_and_moco_copies_it():
     from conftest import TINY
 
     model = build_method(load_config("mocov2-fmnist-cpu", [*TINY, "method=moco", "model.checkpointing=true"]))
-    assert model.backbone.checkpointing and model.key_backbone.checkpointing
+    assert model.backbone.checkpointing and model.key_encoder.backbone.checkpointing
     plain = build_method(load_config("mocov2-fmnist-cpu", [*TINY, "method=moco"]))
     assert not plain.backbone.checkpointing
     assert list(model.state_dict()) == list(plain.state_dict())
