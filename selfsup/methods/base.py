@@ -49,12 +49,14 @@ class Method(nn.Module):
     # representation): under train.micro_batch each chunk's loss is backpropagated as it comes
     per_sample_loss: bool = False
 
-    def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
+    def __init__(self, cfg, backbone: nn.Module, feat_dim: int, head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.feat_dim = feat_dim
         m = cfg.model
-        self.head = projection_head(feat_dim, m.head_hidden or feat_dim, m.proj_dim, m.head_layers, m.head_out_bn)
+        # a method with heads of its own passes its head: model.head_* then build (and draw) nothing
+        self.head = head if head is not None else \
+            projection_head(feat_dim, m.head_hidden or feat_dim, m.proj_dim, m.head_layers, m.head_out_bn)
 
     def forward(self, views: list[Tensor], index: Tensor, encode_only: bool = False):
         """The step's outputs {"loss", ...}; with `encode_only`, only ``encode(views)`` (the engine's

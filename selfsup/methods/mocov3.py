@@ -4,7 +4,9 @@ symmetric InfoNCE against the keys of the whole global batch (no queue).
 * query: ``predictor(head(backbone(x)))``; key: ``key_encoder(x)`` (no predictor), an
   EMA of ``head(backbone(.))``. Heads are MoCo v3's MLPs (:func:`mocov3_mlp`): the projection head
   ``mocov3.proj_layers`` layers (3 for ViT, 2 for ResNet in the paper's code) with a last BN
-  without affine, the predictor 2 layers without a last BN.
+  without affine, the predictor 2 layers without a last BN. ``model.head_*`` and ``model.proj_dim``
+  do not apply (``mocov3.proj_*``, ``mocov3.pred_hidden`` do): MoCo v3 hands its head to the base
+  class, which then builds (and draws from the RNG for) nothing else.
 * loss ``ctr(q1, k2) + ctr(q2, k1)``, ``ctr`` = :func:`selfsup.losses.mocov3_contrastive` with
   the keys of every rank gathered (no gradient) and this rank's queries as anchors.
 * momentum ``m_t = 1 - (1 - m0) (cos(pi t / T) + 1) / 2``: ``m0 = mocov3.momentum`` at t=0 rising
@@ -54,8 +56,10 @@ class MoCoV3(Method):
     per_sample_loss = True   # each query's term reads the (gradient-free) keys, not other queries
 
     def __init__(self, cfg, backbone: nn.Module, feat_dim: int):
-        super().__init__(cfg, backbone, feat_dim)
         c = cfg.mocov3
+        hidden = c.proj_hidden or feat_dim   # its own heads: model.head_* do not apply to MoCo v3
+        super().__init__(cfg, backbone, feat_dim, head=mocov3_mlp(feat_dim, hidden, c.proj_dim, c.proj_layers))
+        self.predictor = mocov3_mlp(c.proj_dim, c.pred_hidden or hidden, c.proj_dim, 2, last_bn=False)
         self.temperature, self.base_momentum = c.temperature, c.momentum
         self.batch_size, self.epochs = cfg.train.batch_size, cfg.train.epochs
         self.total_steps = 0   # set by setup(N); 0: constant momentum m0
@@ -63,12 +67,8 @@ class MoCoV3(Method):
             if hasattr(backbone, "patch_embed"):
                 for p in backbone.patch_embed.parameters():
                     p.requires_grad_(False)
-            elif D.rank() == 0:
-                print("[selfsup] mocov3.freeze_patch_embed: the backbone has no patch_embed (not a ViT): "
-                      "nothing to freeze")
-        hidden = c.proj_hidden or feat_dim
-        self.head = mocov3_mlp(feat_dim, hidden, c.proj_dim, c.proj_layers, last_bn=True)
-        self.predictor = mocov3_mlp(c.proj_dim, c.pred_hidden or hidden, c.proj_dim, 2, last_bn=False)
+            else:
+                D.say("mocov3.freeze_patch_embed: the backbone has no patch_embed (not a ViT): nothing to freeze")
         self.key_encoder = KeyEncoder(self.backbone, self.head)   # BN running stats only from the EMA
         self._register_load_state_dict_pre_hook(rename_old_key_encoder, with_module=True)
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))

@@ -201,3 +201,20 @@ def test_tiny_vit_preset_freezes_the_patch_projection():
     model = build_method(load_config("mocov3-vit-fmnist-cpu"))
     assert not any(p.requires_grad for p in model.backbone.patch_embed.parameters())
     assert all(p.requires_grad for p in model.backbone.blocks.parameters())
+
+
+def test_mocov3_builds_only_its_own_heads():
+    """model.head_* do not apply to MoCo v3: changing them changes nothing, and no unused head is built
+    (none of its parameters, none of its draws from the RNG)."""
+    states = []
+    for extra in ([], ["model.head_layers=3", "model.proj_dim=7", "model.head_hidden=5"]):
+        cfg = load_config(None, MOCOV3 + extra)
+        torch.manual_seed(0)
+        states.append(build_method(cfg).state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    cfg = load_config(None, MOCOV3)
+    torch.manual_seed(0)
+    model = build_method(cfg)
+    own = {id(p) for m in (model.backbone, model.head, model.predictor, model.key_encoder) for p in m.parameters()}
+    assert {id(p) for p in model.parameters()} == own
