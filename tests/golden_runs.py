@@ -56,7 +56,9 @@ RUNS = {
     "millionway": ("millionway-fmnist-cpu", WINDOW),
     "millionway-sampled": ("millionway-fmnist-cpu", WINDOW + ["pic.negatives=256"]),
     "simclr-lars-guarded": ("simclr-fmnist-cpu", ["train.optimizer=lars", "train.nonfinite=skip"]),
-    "pic-imagenet-stream": ("pic-imagenet", STREAM),   # data.root: a fake ImageNet written next to the run
+    "pic-imagenet-stream": ("pic-imagenet", STREAM),
+    "simclr-vit": ("simclr-vit-fmnist-cpu", []),   # the ViT presets (28 px: the synthetic images are resized)
+    "mocov3-vit": ("mocov3-vit-fmnist-cpu", []),   # data.root: a fake ImageNet written next to the run
 }
 # the same under two gloo processes (one process group, run one after the other)
 DIST_RUNS = {
