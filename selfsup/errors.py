@@ -9,8 +9,10 @@ This is the bottom layer: it imports nothing of the project.
 """
 from __future__ import annotations
 
+import errno
+
 __all__ = ["SelfsupError", "ConfigError", "DataError", "DatasetNotFoundError", "DatasetFormatError",
-           "CheckpointError", "NonFiniteLossError", "CollectiveTimeoutError", "TrainingStopped"]
+           "CheckpointError", "NonFiniteLossError", "CollectiveTimeoutError", "TrainingStopped", "os_error_text"]
 
 
 class SelfsupError(Exception):
@@ -58,3 +60,19 @@ class TrainingStopped(Exception):
         super().__init__(message)
         self.signal_name = signal_name
         self.exit_code = self.EXIT_CODES.get(signal_name, 75)
+
+
+def os_error_text(e: OSError) -> str:
+    """An OSError as what happened, to which file, and what to do (the CLI's message for it)."""
+    what = e.strerror or str(e)
+    where = f" ({e.filename})" if e.filename else ""
+    fix = {errno.ENOSPC: "free some space or write elsewhere (run_dir=..., --out); the last complete "
+                         "checkpoint is intact",
+           errno.EDQUOT: "free some space or write elsewhere (run_dir=..., --out)",
+           errno.EACCES: "choose a folder you may write (run_dir=..., --out, data.index_cache=null)",
+           errno.EPERM: "choose a folder you may write (run_dir=..., --out, data.index_cache=null)",
+           errno.EROFS: "the file system is read-only: choose a writable folder (run_dir=..., --out)",
+           errno.EEXIST: "choose another path or remove it",
+           errno.EISDIR: "give a file, not a folder",
+           errno.ENOTDIR: "a part of the path is a file, not a folder"}.get(e.errno, "check the path")
+    return f"{what}{where}: {fix}"

@@ -29,9 +29,9 @@ def test_an_old_run_config_loads_silently_with_its_values_in_det(capsys):
 
 
 def test_an_old_run_resumes_under_the_new_names(tmp_path):
-    from selfsup.engine.runs import check_resume
+    from selfsup.engine.runs import check_run_resume
 
-    check_resume(load_config(None, NEW_SPELLING), OLD.read_text(), tmp_path)   # no difference: no error
+    check_run_resume(load_config(None, NEW_SPELLING), OLD.read_text(), tmp_path)   # no difference: no error
 
 
 def test_an_old_override_is_read_as_the_det_key_with_a_one_line_note(capsys):

@@ -334,25 +334,11 @@ def _others_of_ranks(parts: list[dict]) -> float | None:
 
 
 def bench_classifier(
-    ns=DEFAULTS["ns"],
-    dim: int = 128,
-    batch: int = 1024,
-    modes=("full", "sampled"),
-    device: str = "cpu",
-    sharded_world: int | None = 2,
-    num_recent: int = 65536,
-    chunk_size: int = DEFAULT_CHUNK,
-    warmup: int = 1,
-    repeats: int | None = None,
-    threads: int | None = None,
-    max_bytes: int | None = None,
-    temperature: float = 0.2,
-    precision: str = "auto",
-    roofline: bool = True,
-    notes: list | None = None,
-    device_info: dict | None = None,
-    paths=("fused", "reference"),
-    fused_chunk=None,
+    ns=DEFAULTS["ns"], dim: int = 128, batch: int = 1024, modes=("full", "sampled"), device: str = "cpu",
+    sharded_world: int | None = 2, num_recent: int = 65536, chunk_size: int = DEFAULT_CHUNK, warmup: int = 1,
+    repeats: int | None = None, threads: int | None = None, max_bytes: int | None = None,
+    temperature: float = 0.2, precision: str = "auto", roofline: bool = True, notes: list | None = None,
+    device_info: dict | None = None, paths=("fused", "reference"), fused_chunk=None,
 ) -> list[dict]:
     """Measure the head for every ``(N, mode, world in (1, sharded_world))``.
 
@@ -394,24 +380,46 @@ def bench_classifier(
     notes = notes if notes is not None else []
     device_info = device_info if device_info is not None else {}
     dev = torch.device(device)
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown precision {precision!r}; valid: auto, bf16, fp32")
-    amp = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
-    device_info["precision"] = "bf16 autocast" if amp else "fp32"
+    amp = _check_options(precision, paths, modes, dev, device_info)
     repeats = repeats or (5 if dev.type == "cuda" else 1)
     threads = threads or torch.get_num_threads()
     budget = max_bytes or _available_bytes(dev) // 2
     if isinstance(fused_chunk, (tuple, list)):   # the command line's one or two numbers
         fused_chunk = int(fused_chunk[0]) if len(fused_chunk) == 1 else tuple(int(x) for x in fused_chunk)
     worlds = [1] + ([sharded_world] if sharded_world and sharded_world > 1 else [])
-    jobs = []  # (row stub, kwargs, world)
+    common = dict(dim=dim, num_recent=num_recent, chunk=chunk_size, warmup=warmup, repeats=repeats,
+                  temperature=temperature, amp=amp, fused_chunk=fused_chunk)
+    jobs = _plan_jobs([(n, m, w, p) for n in ns for m in modes for w in worlds for p in paths], batch, dev, budget,
+                      common, notes)
+    results = _run_jobs(jobs, device, threads, sharded_world, roofline, device_info)
+    rows = [_row(stub, results[i], threads, sharded_world, dev, device_info if roofline else None)
+            for i, (stub, _, _) in enumerate(jobs)]
+    if roofline:
+        notes.append(_target_note(rows, dev))
+    return rows
+
+
+def _check_options(precision: str, paths, modes, dev: torch.device, device_info: dict) -> bool:
+    """Whether the head runs under bf16 autocast (recorded in `device_info`); a ValueError for an
+    unknown precision, path or mode."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; valid: auto, bf16, fp32")
+    amp = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    device_info["precision"] = "bf16 autocast" if amp else "fp32"
     for path in paths:
         if path not in ("fused", "reference"):
             raise ValueError(f"unknown path {path!r}; valid: fused, reference")
     for mode in modes:
         if mode not in ("full", "sampled"):
             raise ValueError(f"unknown mode {mode!r}; valid: full, sampled")
-    for n, mode, world, path in [(n, m, w, p) for n in ns for m in modes for w in worlds for p in paths]:
+    return amp
+
+
+def _plan_jobs(configs, batch: int, dev: torch.device, budget: int, common: dict, notes: list) -> list:
+    """(row stub, _measure's kwargs: `common` plus the job's own, world) of each (n, mode, world, path)
+    that can run; a note for each one skipped (batch not divisible, too few GPUs, over the memory budget)."""
+    jobs = []
+    for n, mode, world, path in configs:
         tag = f"N={n} mode={mode} world={world} path={path}"
         if batch % world:
             notes.append(f"{tag}: skipped, batch {batch} not divisible by world")
@@ -419,17 +427,21 @@ def bench_classifier(
         if world > 1 and dev.type == "cuda" and torch.cuda.device_count() < world:
             notes.append(f"{tag}: skipped, needs {world} GPUs (have {torch.cuda.device_count()})")
             continue
-        need = _estimate_bytes(n, dim, batch, mode, world, num_recent, chunk_size, path)
+        need = _estimate_bytes(n, common["dim"], batch, mode, world, common["num_recent"], common["chunk"], path)
         if need > budget:
             notes.append(f"{tag}: skipped, needs ~{need / 2**30:.1f} GiB per rank > budget "
                          f"{budget / 2**30:.1f} GiB")
             continue
-        kw = dict(n=n, dim=dim, batch_local=batch // world, mode=mode, num_recent=num_recent,
-                  chunk=chunk_size, warmup=warmup, repeats=repeats, temperature=temperature, amp=amp,
-                  path=path, fused_chunk=fused_chunk)
-        stub = dict(n=n, mode=mode, world=world, path=path, dim=dim, batch=batch,
-                    candidates=n if mode == "full" else min(n, num_recent + batch))
+        kw = dict(common, n=n, batch_local=batch // world, mode=mode, path=path)
+        stub = dict(n=n, mode=mode, world=world, path=path, dim=common["dim"], batch=batch,
+                    candidates=n if mode == "full" else min(n, common["num_recent"] + batch))
         jobs.append((stub, kw, world))
+    return jobs
+
+
+def _run_jobs(jobs: list, device: str, threads: int, sharded_world, roofline: bool, device_info: dict) -> dict:
+    """{job index: _measure's result}: the one-rank jobs here with `threads` threads (after the
+    roofline, when asked), then all sharded ones in one spawn."""
     results: dict[int, dict] = {}
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -448,22 +460,21 @@ def bench_classifier(
         for i, r in zip(sharded, _measure_sharded(sharded_world, device, max(1, threads // sharded_world),
                                                   [jobs[i][1] for i in sharded])):
             results[i] = r
-    rows = []
-    for i, (stub, _, _) in enumerate(jobs):
-        r = results[i]
-        tpr = threads if stub["world"] == 1 else max(1, threads // sharded_world)
-        rows.append(dict(stub, threads_per_rank=tpr if dev.type == "cpu" else None, step_ms=1e3 * r["step_s"],
-                         min_step_ms=1e3 * r["min_step_s"],
-                         state_mb=r["state_bytes"] / 2**20, peak_extra_mb=r["peak_extra_bytes"] / 2**20,
-                         loss=r["loss"], others=r["others"], load=r["load"], chunk=r["chunk"]))
-        if roofline:
-            ranks = rows[-1]["world"] if dev.type == "cuda" else 1  # CUDA: a GPU per rank; CPU: shared
-            rows[-1]["bound_ms"] = roofline_bound_ms(rows[-1], device_info, ranks=ranks)
-            rows[-1]["ratio"] = rows[-1]["step_ms"] / rows[-1]["bound_ms"]
-    if roofline:
-        notes.append(_target_note(rows, dev))
-    return rows
+    return results
 
+
+def _row(stub: dict, r: dict, threads: int, sharded_world, dev: torch.device, roof: dict | None) -> dict:
+    """The table row of one measured job; with the roofline figures `roof`, its bound_ms and ratio."""
+    tpr = threads if stub["world"] == 1 else max(1, threads // sharded_world)
+    row = dict(stub, threads_per_rank=tpr if dev.type == "cpu" else None, step_ms=1e3 * r["step_s"],
+               min_step_ms=1e3 * r["min_step_s"],
+               state_mb=r["state_bytes"] / 2**20, peak_extra_mb=r["peak_extra_bytes"] / 2**20,
+               loss=r["loss"], others=r["others"], load=r["load"], chunk=r["chunk"])
+    if roof is not None:
+        ranks = row["world"] if dev.type == "cuda" else 1  # CUDA: a GPU per rank; CPU: shared
+        row["bound_ms"] = roofline_bound_ms(row, roof, ranks=ranks)
+        row["ratio"] = row["step_ms"] / row["bound_ms"]
+    return row
 
 COLUMNS = [("N", 10, "n"), ("mode", 8, "mode"), ("world", 5, "world"), ("path", 9, "path"),
            ("thr", 4, "threads_per_rank"), ("cands", 9, "candidates"), ("step ms", 10, "step_ms:.1f"),

@@ -1,7 +1,7 @@
 """Benchmark of the training step: views/s, ms/step, peak memory, data share and achieved FLOP/s.
 
 For one setting (method, backbone, resolution, batch size: a preset plus overrides) the training
-step of the trainer (:class:`selfsup.engine.step.Step`, the same object) is timed in two modes:
+step of the trainer (:class:`selfsup.engine.step.TrainStep`, the same object) is timed in two modes:
 
 * ``synthetic``: the views are fixed random float tensors already on the device (one per entry of
   ``model.view_augs(aug)``, at that augmentation's size, channels-last when the trainer would use
@@ -12,7 +12,7 @@ step of the trainer (:class:`selfsup.engine.step.Step`, the same object) is time
   streamed sets (``data.stream``) its :class:`~selfsup.data.loader.StreamLoader`), then the same step.
 
 Model, optimiser and step are built by the trainer's own functions (``build_model``,
-``make_optimizer``, ``wrap_model``, ``Step``): the precision, ``train.channels_last``,
+``make_optimizer``, ``wrap_model``, ``TrainStep``): the precision, ``train.channels_last``,
 ``train.compile``, the method's own row update (PIC), ``after_step()``.  Left out: DDP (one
 process), the non-finite guard's per-step host sync, logging, checkpoints and the kNN monitor;
 ``init_from_data`` is skipped (it sets values, not costs).
@@ -67,7 +67,7 @@ from ..data.datasets import build_dataset
 from ..data.splits import load_split
 from ..engine.data import TrainData
 from ..engine.setup import Env, autocast_dtype, configure_torch, data_on_device, keep_freed_memory, resolve_device
-from ..engine.step import Step, build_model, make_optimizer, wrap_model
+from ..engine.step import TrainStep, build_model, make_optimizer, wrap_model
 from ..errors import DatasetNotFoundError
 from ..methods import build_method
 from .common import Bench, RssPeak, StepRss, device_name, progress, sync, tensor_peak, text_table
@@ -200,7 +200,7 @@ def _build_step(mode, cfg, ds, env) -> dict:
     data = TrainData(cfg, env, ds=ds)
     model, channels_last = build_model(cfg, len(ds), env)
     opt, sched = make_optimizer(model, cfg, data.steps_per_epoch)
-    step = Step(model, wrap_model(model, cfg, env), opt, sched, env.amp, cfg.train.micro_batch)   # as the trainer
+    step = TrainStep(model, wrap_model(model, cfg, env), opt, sched, env.amp, cfg.train.micro_batch)   # as the trainer
     step.net.train()
     augs, b = model.view_augs(data.aug), cfg.train.batch_size
     if mode == "synthetic":

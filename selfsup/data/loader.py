@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+from functools import partial
 from typing import Iterator
 
 import numpy as np
@@ -31,7 +32,7 @@ from .augment import central_crop_size
 from .files import FileImageSet, decode_bytes, load_rgb
 from .samplers import derive_seed
 
-__all__ = ["crop_box", "ViewReader", "StreamLoader", "clean_batches", "decode_on_device", "DECODE_MODES"]
+__all__ = ["crop_box", "ViewReader", "StepBatches", "StreamLoader", "clean_batches", "decode_on_device", "DECODE_MODES"]
 
 DECODE_MODES = ("cpu", "device")
 _CROP_STREAM = 7
@@ -166,23 +167,26 @@ def _decode_on_device(data, boxes, specs, device, where):
     return out
 
 
-class _StepBatches(torch.utils.data.Sampler):
-    """Batches of (index, seed) from a schedule, steps start..total-1, this rank's slice."""
+class StepBatches(torch.utils.data.Sampler):
+    """The batch sampler of a loop that runs by steps: `batch(step)` (called in step order) gives the
+    batch of each step start..total-1. Used by the stream loader and by the detection loop."""
 
-    def __init__(self, schedule, rank: int, world: int, start: int, total: int, seed: int):
-        self.schedule, self.rank, self.world, self.start, self.total, self.seed = \
-            schedule, rank, world, start, total, seed
+    def __init__(self, batch, start: int, total: int):
+        self.batch, self.start, self.total = batch, start, total
 
     def __len__(self) -> int:
-        return self.total - self.start
+        return max(0, self.total - self.start)
 
     def __iter__(self):
-        b = self.schedule.batch_size // self.world
         for step in range(self.start, self.total):
-            idx = self.schedule.next_batch(self.rank, self.world).tolist()
-            pos0 = self.rank * b
-            yield [(i, derive_seed(self.seed, _CROP_STREAM, step * self.schedule.batch_size + pos0 + j))
-                   for j, i in enumerate(idx)]
+            yield self.batch(step)
+
+
+def _seeded_batch(schedule, rank: int, world: int, seed: int, step: int) -> list:
+    """This rank's (index, crop seed) pairs of `step`: the schedule's next batch (it advances)."""
+    pos0 = rank * (schedule.batch_size // world)
+    idx = schedule.next_batch(rank, world).tolist()
+    return [(i, derive_seed(seed, _CROP_STREAM, step * schedule.batch_size + pos0 + j)) for j, i in enumerate(idx)]
 
 
 class StreamLoader:
@@ -196,9 +200,9 @@ class StreamLoader:
         self.reader = reader = ViewReader(dset, specs, decode, on_error)
         cuda = self.device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
-            reader, batch_sampler=_StepBatches(schedule, rank, world, start, total, seed), num_workers=workers,
-            collate_fn=_collate, pin_memory=cuda and decode == "cpu", prefetch_factor=prefetch if workers else None,
-            worker_init_fn=_worker_init if workers else None)
+            reader, batch_sampler=StepBatches(partial(_seeded_batch, schedule, rank, world, seed), start, total),
+            num_workers=workers, collate_fn=_collate, pin_memory=cuda and decode == "cpu",
+            prefetch_factor=prefetch if workers else None, worker_init_fn=_worker_init if workers else None)
 
     def __iter__(self) -> Iterator:
         for index, views, where in self.loader:

@@ -4,7 +4,6 @@ run's checkpoint holds (`RunState`: `capture` and `restore`).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..parallel import distributed as D
+from .setup import hash_seed
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_state_checked", "RunState", "capture", "restore",
            "CheckpointError"]
@@ -86,7 +86,7 @@ class RunState:
     elapsed_before: float = 0.0   # training seconds of the run before this process took it up
 
 
-def _rng_state(aug_gen: torch.Generator) -> dict:
+def _capture_rng(aug_gen: torch.Generator) -> dict:
     """The global torch RNG, the CUDA RNGs (a run on cuda) and the augmentation RNG with the device
     type it lives on; under DDP every rank's augmentation stream (a collective: every rank calls
     it), so a resume on the same world size and device type is exact."""
@@ -103,8 +103,7 @@ def _rng_state(aug_gen: torch.Generator) -> dict:
 def _seed_from(name: str, step: int, saved: torch.Tensor) -> int:
     """A seed for stream `name` that a checkpoint cannot restore here: a hash of the name, the step
     and the saved state (which holds the run's seed and position), so a resume is deterministic."""
-    h = hashlib.sha256(f"{name}:{step}:".encode() + saved.cpu().numpy().tobytes())
-    return int.from_bytes(h.digest()[:8], "little") >> 1
+    return hash_seed(name, step, saved.cpu().numpy().tobytes())
 
 
 def _saved_device(rng: dict, here: torch.Generator) -> str:
@@ -149,7 +148,7 @@ def _restore_rng(s: RunState, rng: dict, device: torch.device) -> None:
 def capture(s: RunState, config_yaml: str, elapsed: float, log_lines: int) -> dict:
     """The checkpoint of `s` (format 1). Collective under DDP (RNG streams; sharded state such as
     PIC's rows gathered whole, so the run resumes on any number of processes): every rank calls it."""
-    rng = _rng_state(s.aug_gen)
+    rng = _capture_rng(s.aug_gen)
     state = s.model.state_dict()
     if s.model.ddp_ignored():   # sharded state: every rank's shard
         state = s.model.gather_sharded_state(state)

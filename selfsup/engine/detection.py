@@ -31,13 +31,16 @@ from omegaconf import OmegaConf
 
 from ..config import DET_RENAMED
 from ..data.detection import detection_sets
+from ..data.loader import StepBatches
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from ..eval.detection import build_detector, detection_scores, set_test_size
 from ..parallel import distributed as D
 from ..progress import Progress
 from .checkpoint import load_checkpoint, save_checkpoint
+from .guard import finite_everywhere
 from .logging import MetricLogger
-from .setup import setup_env
+from .runs import check_resume
+from .setup import ddp_wrap, hash_seed, setup_env, sync_batchnorm
 from .signals import StopSignals, stopped
 
 __all__ = ["det_protocol", "det_schedule", "encoder_digest", "folder_lock", "run_detection"]
@@ -62,34 +65,25 @@ def _lr_factor(s: dict):
     return f
 
 
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+class _Shuffled:
+    """This rank's indices of iteration `it` (a call): iteration i reads global positions i*B .. (i+1)*B - 1
+    of an endless sequence of seeded permutations (one per pass over the set of `n`)."""
 
-
-class _StepBatches(torch.utils.data.Sampler):
-    """This rank's indices for iterations start..iters-1: iteration i reads global positions
-    i*B .. (i+1)*B - 1 of an endless sequence of seeded permutations (one per pass over the set)."""
-
-    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, start: int, iters: int):
-        self.n, self.batch, self.rank, self.world, self.seed, self.start, self.iters = \
-            n, batch, rank, world, seed, start, iters
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
         self._perms: dict = {}
 
     def _at(self, pos: int) -> int:
         epoch = pos // self.n
         if epoch not in self._perms:
             self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                _seed("det-perm", self.seed, epoch)))}
+                hash_seed("det-perm", self.seed, epoch)))}
         return int(self._perms[epoch][pos % self.n])
 
-    def __iter__(self):
+    def __call__(self, it: int) -> list:
         per = self.batch // self.world
-        for it in range(self.start, self.iters):
-            first = it * self.batch + self.rank * per
-            yield [self._at(p) for p in range(first, first + per)]
-
-    def __len__(self) -> int:
-        return max(0, self.iters - self.start)
+        first = it * self.batch + self.rank * per
+        return [self._at(p) for p in range(first, first + per)]
 
 
 def _collate(batch):
@@ -128,25 +122,6 @@ def folder_lock(folder: Path):
         os.close(fd)
 
 
-def _check_resume(ck: dict, now: dict, init: str, encoder: dict, path: Path) -> None:
-    saved, was = ck.get("det_config", {}), ck.get("encoder", {})
-    saved = {DET_RENAMED.get(k, k): v for k, v in saved.items()}   # older selfsup stored eval.det_<key> names
-    fix = f"give a new --out, or add --restart to discard {path.parent.parent} and train from the start"
-    if was.get("sha256") != encoder["sha256"]:
-        old = (f"{was.get('source')} (weights {was.get('sha256')})" if was else
-               "an encoder it does not record (written by an older selfsup)")
-        raise CheckpointError(f"{path} holds a detector trained from {old}, not from {encoder['source']} "
-                              f"(weights {encoder['sha256']}); resuming it would file its numbers under the "
-                              f"wrong encoder: {fix}")
-    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)]
-    if ck.get("init", "?") != init:
-        diff.insert(0, f"init: {ck.get('init', '?')} -> {init}")
-    if diff:
-        raise CheckpointError(f"{path} was written with other detection settings; to resume, keep them "
-                              f"({'; '.join(diff)}), or {fix}")
-
-
 def _flip(images: list, targets: list) -> None:
     """Each image (and its boxes) flipped left-right with probability 1/2 (torch's RNG), in place."""
     for i, (im, t) in enumerate(zip(images, targets)):
@@ -165,120 +140,172 @@ def run_detection(cfg, encoder: torch.nn.Module, out_dir: str | Path, init: str,
     the record and the resume check). encoder_text: where the backbone came from, for the protocol.
     on_iteration(it): called after each iteration (tests send themselves a signal from it). restart:
     discard a detector already in out_dir (else resumed; refused when its encoder or settings differ)."""
-    d, seed, env = cfg.det, cfg.eval.seed, setup_env(cfg)
+    d, env = cfg.det, setup_env(cfg)
     if d.batch_size % env.world:
         raise ConfigError(f"det.batch_size={d.batch_size} is not divisible by the number of processes {env.world}")
-    sched_cfg = det_schedule(d)
-    out = Path(out_dir)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    train_ds, test_ds = detection_sets(d, cfg.data.on_error)
+    train_ds, test_ds = _detection_sets(cfg)
+    run = _DetectionRun(cfg, encoder, Path(out_dir), init, encoder_text, env, len(train_ds.classes))
+    run.start(restart)
+    s_per_iter = run.train(train_ds, on_iteration)
+    scores = test_detector(run.model, test_ds, d.batch_size // env.world, env)
+    return run.finish(scores, train_ds, test_ds, s_per_iter)
+
+
+def _detection_sets(cfg) -> tuple:
+    """(train, test) detection sets of cfg.det, read and checked (data.on_error); what was skipped is said."""
+    train_ds, test_ds = detection_sets(cfg.det, cfg.data.on_error)
     for line in (train_ds.skipped, test_ds.skipped):
         if line:
             D.say(f"detection data: {line}")
     if len(train_ds) == 0 or len(test_ds) == 0:
         raise ConfigError(f"the detection sets are empty (train {len(train_ds)}, test {len(test_ds)} images)")
-    torch.manual_seed(_seed("det-init", seed))
-    model = build_detector(encoder, len(train_ds.classes), norm=d.norm, trainable_layers=d.trainable_layers,
-                           min_sizes=list(d.min_sizes), max_size=d.max_size, test_size=d.test_size,
-                           fpn_channels=d.fpn_channels, head_dim=d.head_dim, rois=d.rois,
-                           proposals=d.proposals, anchor_sizes=list(d.anchor_sizes),
-                           amp=env.amp).to(env.device)
-    if env.world > 1 and env.device.type == "cuda" and d.norm == "sync":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    net = model
-    if env.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=sched_cfg["lr"], momentum=0.9, weight_decay=d.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(sched_cfg))
-    it, elapsed, now_cfg = 0, 0.0, OmegaConf.to_container(d)
-    source = {"sha256": encoder_digest(encoder), "source": encoder_text}
-    logger = MetricLogger(out, enabled=env.main)
-    if ckpt_path.is_file() and not restart:
-        ck = load_checkpoint(ckpt_path)
-        _check_resume(ck, now_cfg, init, source, ckpt_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        it, elapsed = ck["iteration"], ck["elapsed"]
-        logger.truncate_lines(ck["log_lines"])
-        D.say(f"detection ({init}): resumed {out} at iteration {it} of {sched_cfg['iters']}")
-    else:
-        if restart and env.main:
-            ckpt_path.unlink(missing_ok=True)   # a stop before the first checkpoint must not resume the old one
-        logger.truncate_lines(0)
+    return train_ds, test_ds
 
-    def checkpoint() -> None:
-        if env.main:
-            save_checkpoint({"format": 1, "kind": "detection", "init": init, "encoder": source,
-                             "det_config": now_cfg,
-                             "model": model.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "iteration": it, "elapsed": elapsed,
-                             "log_lines": logger.lines()}, ckpt_path)
 
-    loader = torch.utils.data.DataLoader(
-        train_ds, batch_sampler=_StepBatches(len(train_ds), d.batch_size, env.rank, env.world, seed, it,
-                                             sched_cfg["iters"]),
-        num_workers=d.num_workers, collate_fn=_collate)
-    iters_here, t0 = 0, time.perf_counter()
-    bar = Progress(sched_cfg["iters"], f"detection ({init})", initial=it, enabled=env.main, unit="iteration")
-    net.train()
-    set_test_size(model, False)
-    with StopSignals() as stop:
-        for images, targets in loader:
-            t_it = time.perf_counter()
-            torch.manual_seed(_seed("det-step", seed, it, env.rank))
-            images = [im.to(env.device).float().div_(255) for im in images]
-            targets = [{"boxes": t["boxes"].to(env.device), "labels": t["labels"].to(env.device)} for t in targets]
-            _flip(images, targets)
-            losses = net(images, targets)   # bf16 autocast (a GPU) inside, for the backbone and FPN only
-            loss = sum(v.float() for v in losses.values())
-            finite = torch.isfinite(loss.detach()).float()
-            if env.world > 1:   # every rank stops together: none is left waiting in the next collective
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not finite:
-                raise NonFiniteLossError(f"detection loss is {loss.item()} at iteration {it} (on this or another "
-                                         f"rank): lower det.lr (now {sched_cfg['lr']:g}) or raise "
-                                         "det.warmup_iters")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            it += 1
-            iters_here += 1
-            elapsed += time.perf_counter() - t_it
-            if it % d.log_every == 0 or it == sched_cfg["iters"]:
-                logger.log({"event": "det_train", "init": init, "step": it, "loss": loss.item(),
-                            **{k: v.item() for k, v in losses.items()}, "lr": opt.param_groups[0]["lr"],
-                            "s_per_iter": elapsed / max(it, 1)})
-                bar.set(loss=loss.item(), lr=opt.param_groups[0]["lr"])
-            bar.update()
-            if it % d.checkpoint_every == 0:
-                checkpoint()
-            if on_iteration is not None:
-                on_iteration(it)
-            if (env.world == 1 or it % d.log_every == 0) and (signum := stop.agreed(env.device)):
-                bar.close()
-                checkpoint()
-                logger.close()
-                raise stopped(signum, f"detection iteration {it}", ckpt_path,
-                              "run the same `selfsup eval detection` command again to resume", env.main)
-    bar.close()
-    checkpoint()
-    s_per_iter = (time.perf_counter() - t0) / iters_here if iters_here else None
-    scores = test_detector(model, test_ds, d.batch_size // env.world, env)
-    if not env.main:
-        logger.close()
-        return None
-    res = {"init": init, **scores, "iters": sched_cfg["iters"], "batch": sched_cfg["batch"],
-           "train_images": len(train_ds), "test_images": len(test_ds), "classes": len(train_ds.classes),
-           "s_per_iter": s_per_iter if s_per_iter is not None else elapsed / max(it, 1),
-           "device": env.device.type, "processes": env.world, "encoder_sha256": source["sha256"]}
-    res["protocol"] = det_protocol(cfg, sched_cfg, encoder_text)
-    logger.log({"event": "det_test", "step": it, **{k: v for k, v in res.items() if k != "protocol"}})
-    logger.close()
-    return res
+class _DetectionRun:
+    """One detector run in its folder: the model (and its DDP wrap), the optimiser, the schedule, the
+    iteration reached, the training seconds and the metrics log; started fresh or resumed (`start`),
+    trained (`train`), checkpointed (`checkpoint`) and summed up (`finish`)."""
+
+    def __init__(self, cfg, encoder, out: Path, init: str, encoder_text: str, env, classes: int):
+        d = cfg.det
+        self.cfg, self.d, self.env, self.out, self.init, self.encoder_text = cfg, d, env, out, init, encoder_text
+        self.plan, self.ckpt_path = det_schedule(d), out / "checkpoints" / "last.pt"
+        torch.manual_seed(hash_seed("det-init", cfg.eval.seed))
+        model = build_detector(encoder, classes, norm=d.norm, trainable_layers=d.trainable_layers,
+                               min_sizes=list(d.min_sizes), max_size=d.max_size, test_size=d.test_size,
+                               fpn_channels=d.fpn_channels, head_dim=d.head_dim, rois=d.rois,
+                               proposals=d.proposals, anchor_sizes=list(d.anchor_sizes), amp=env.amp)
+        self.model = sync_batchnorm(model.to(env.device), env, d.norm == "sync")
+        self.net = ddp_wrap(self.model, env)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=self.plan["lr"], momentum=0.9, weight_decay=d.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_factor(self.plan))
+        self.it, self.elapsed, self.settings = 0, 0.0, OmegaConf.to_container(d)
+        self.source = {"sha256": encoder_digest(encoder), "source": encoder_text}
+        self.logger = MetricLogger(out, enabled=env.main)
+
+    def start(self, restart: bool) -> None:
+        """Resume the checkpoint in the folder (checked first), or start from iteration 0 (`restart`:
+        the folder's checkpoint is removed, so a stop before the first new one cannot resume it)."""
+        if self.ckpt_path.is_file() and not restart:
+            ck = load_checkpoint(self.ckpt_path)
+            self._check_resume(ck)
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+            self.sched.load_state_dict(ck["scheduler"])
+            self.it, self.elapsed = ck["iteration"], ck["elapsed"]
+            self.logger.truncate_lines(ck["log_lines"])
+            D.say(f"detection ({self.init}): resumed {self.out} at iteration {self.it} of {self.plan['iters']}")
+            return
+        if restart and self.env.main:
+            self.ckpt_path.unlink(missing_ok=True)
+        self.logger.truncate_lines(0)
+
+    def _check_resume(self, ck: dict) -> None:
+        """CheckpointError when the checkpoint's detector came from another encoder, or another init or
+        det settings (but those of RESUME_MAY_CHANGE)."""
+        was, path = ck.get("encoder", {}), self.ckpt_path
+        fix = f"give a new --out, or add --restart to discard {self.out} and train from the start"
+        if was.get("sha256") != self.source["sha256"]:
+            old = (f"{was.get('source')} (weights {was.get('sha256')})" if was else
+                   "an encoder it does not record (written by an older selfsup)")
+            raise CheckpointError(f"{path} holds a detector trained from {old}, not from {self.source['source']} "
+                                  f"(weights {self.source['sha256']}); resuming it would file its numbers under "
+                                  f"the wrong encoder: {fix}")
+        saved = {DET_RENAMED.get(k, k): v for k, v in ck.get("det_config", {}).items()}   # older: eval.det_<key>
+        check_resume({**saved, "init": ck.get("init", "?")}, {**self.settings, "init": self.init}, RESUME_MAY_CHANGE,
+                     lambda diff: CheckpointError(f"{path} was written with other detection settings; to resume, "
+                                                  f"keep them ({'; '.join(diff)}), or {fix}"))
+
+    def checkpoint(self) -> None:
+        """Write checkpoints/last.pt (rank 0): the model, optimiser, schedule, position and what it started from."""
+        if self.env.main:
+            save_checkpoint({"format": 1, "kind": "detection", "init": self.init, "encoder": self.source,
+                             "det_config": self.settings, "model": self.model.state_dict(),
+                             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                             "iteration": self.it, "elapsed": self.elapsed, "log_lines": self.logger.lines()},
+                            self.ckpt_path)
+
+    def train(self, train_ds, on_iteration) -> float | None:
+        """The iterations from the one reached to the end, then a checkpoint; seconds per iteration in
+        this process (None when none was left). A stop signal checkpoints and raises TrainingStopped."""
+        d, env, first, t0 = self.d, self.env, self.it, time.perf_counter()
+        loader = torch.utils.data.DataLoader(
+            train_ds, batch_sampler=StepBatches(_Shuffled(len(train_ds), d.batch_size, env.rank, env.world,
+                                                          self.cfg.eval.seed), self.it, self.plan["iters"]),
+            num_workers=d.num_workers, collate_fn=_collate)
+        self.bar = Progress(self.plan["iters"], f"detection ({self.init})", initial=self.it, enabled=env.main,
+                            unit="iteration")
+        self.net.train()
+        set_test_size(self.model, False)
+        with StopSignals() as stop:
+            for images, targets in loader:
+                t_it = time.perf_counter()
+                loss, losses = self._step(images, targets)
+                self.elapsed += time.perf_counter() - t_it
+                self._log(loss, losses)
+                if self.it % d.checkpoint_every == 0:
+                    self.checkpoint()
+                if on_iteration is not None:
+                    on_iteration(self.it)
+                if (env.world == 1 or self.it % d.log_every == 0) and (signum := stop.agreed(env.device)):
+                    self._stop(signum)
+        self.bar.close()
+        self.checkpoint()
+        return (time.perf_counter() - t0) / (self.it - first) if self.it > first else None
+
+    def _step(self, images, targets) -> tuple:
+        """One iteration (its random draws seeded by (eval.seed, iteration, rank)): (loss, the loss terms)."""
+        env = self.env
+        torch.manual_seed(hash_seed("det-step", self.cfg.eval.seed, self.it, env.rank))
+        images = [im.to(env.device).float().div_(255) for im in images]
+        targets = [{"boxes": t["boxes"].to(env.device), "labels": t["labels"].to(env.device)} for t in targets]
+        _flip(images, targets)
+        losses = self.net(images, targets)   # bf16 autocast (a GPU) inside, for the backbone and FPN only
+        loss = sum(v.float() for v in losses.values())
+        if not finite_everywhere(loss):   # every rank stops together: none is left waiting in a collective
+            raise NonFiniteLossError(f"detection loss is {loss.item()} at iteration {self.it} (on this or another "
+                                     f"rank): lower det.lr (now {self.plan['lr']:g}) or raise det.warmup_iters")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        self.it += 1
+        return loss, losses
+
+    def _log(self, loss, losses: dict) -> None:
+        """A det_train event at every det.log_every-th and the last iteration; the progress bar."""
+        if self.it % self.d.log_every == 0 or self.it == self.plan["iters"]:
+            lr = self.opt.param_groups[0]["lr"]
+            self.logger.log({"event": "det_train", "init": self.init, "step": self.it, "loss": loss.item(),
+                             **{k: v.item() for k, v in losses.items()}, "lr": lr,
+                             "s_per_iter": self.elapsed / max(self.it, 1)})
+            self.bar.set(loss=loss.item(), lr=lr)
+        self.bar.update()
+
+    def _stop(self, signum: int) -> None:
+        """A stop signal: checkpoint here, raise TrainingStopped (rank 0 says how to resume)."""
+        self.bar.close()
+        self.checkpoint()
+        self.logger.close()
+        raise stopped(signum, f"detection iteration {self.it}", self.ckpt_path,
+                      "run the same `selfsup eval detection` command again to resume", self.env.main)
+
+    def finish(self, scores: dict, train_ds, test_ds, s_per_iter: float | None) -> dict | None:
+        """The result (rank 0; None elsewhere), logged as a det_test event; the log closed."""
+        if not self.env.main:
+            self.logger.close()
+            return None
+        env, plan = self.env, self.plan
+        res = {"init": self.init, **scores, "iters": plan["iters"], "batch": plan["batch"],
+               "train_images": len(train_ds), "test_images": len(test_ds), "classes": len(train_ds.classes),
+               "s_per_iter": s_per_iter if s_per_iter is not None else self.elapsed / max(self.it, 1),
+               "device": env.device.type, "processes": env.world, "encoder_sha256": self.source["sha256"]}
+        res["protocol"] = det_protocol(self.cfg, plan, self.encoder_text)
+        self.logger.log({"event": "det_test", "step": self.it, **{k: v for k, v in res.items() if k != "protocol"}})
+        self.logger.close()
+        return res
 
 
 @torch.no_grad()

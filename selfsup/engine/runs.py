@@ -36,7 +36,7 @@ from ..errors import CheckpointError, ConfigError, SelfsupError
 from ..parallel import distributed as D
 from .checkpoint import load_checkpoint
 
-__all__ = ["RESUME_MAY_CHANGE", "Run", "check_resume", "checkpoint_path", "open_run"]
+__all__ = ["RESUME_MAY_CHANGE", "Run", "check_resume", "check_run_resume", "checkpoint_path", "open_run"]
 
 # The keys that may change when a run is resumed: how long it runs, how often it logs, checkpoints
 # and evaluates, where and how fast it runs. Every other key (model, method, augmentation, batch
@@ -60,10 +60,6 @@ def checkpoint_path(run_dir) -> Path:
     return Path(run_dir) / "checkpoints" / "last.pt"
 
 
-def _may_change(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)
-
-
 def _flat(node, prefix: str = "") -> dict:
     out = {}
     for k, v in node.items():
@@ -71,24 +67,37 @@ def _flat(node, prefix: str = "") -> dict:
     return out
 
 
-def check_resume(cfg, saved_yaml: str, run_dir) -> None:
+def check_resume(saved: dict, now: dict, may_change, refuse) -> None:
+    """The resume check of every loop: raise `refuse(lines)` when a key of the settings `saved` (in the
+    checkpoint) and `now` (nested dicts, compared leaf by leaf) differs and is not in `may_change`;
+    `lines` are "key: old -> new", sorted. A name in `may_change` ending in "." stands for every key
+    under it."""
+    old, new = _flat(saved), _flat(now)
+    free = [k for k in sorted(set(old) | set(new))
+            if not any(k == m or (m.endswith(".") and k.startswith(m)) for m in may_change)]
+    diff = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in free if old.get(k) != new.get(k)]
+    if diff:
+        raise refuse(diff)
+
+
+def check_run_resume(cfg, saved_yaml: str, run_dir) -> None:
     """Raise ConfigError listing every key of `cfg` that differs from the run's saved config
     (`saved_yaml`, the copy inside its checkpoint) and may not change on resume."""
     try:
         saved = OmegaConf.merge(OmegaConf.structured(Config), migrate(OmegaConf.create(saved_yaml)))
     except Exception as e:   # noqa: BLE001 -- YAML or schema errors alike: the stored config is unusable
         raise CheckpointError(f"the config stored in {checkpoint_path(run_dir)} cannot be read: {e}") from None
-    old, new = _flat(OmegaConf.to_container(saved)), _flat(OmegaConf.to_container(cfg))
-    diff = [f"  {k}: {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not _may_change(k)]
-    if diff:
+
+    def refuse(diff: list) -> ConfigError:
         allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_MAY_CHANGE[2:])
-        raise ConfigError(
+        return ConfigError(
             f"cannot resume '{run_dir}': these keys differ from the run's checkpoint and may not change "
-            "on resume:\n" + "\n".join(diff) + f"\nResume with the run's own values (`selfsup train --resume "
-            f"{run_dir}` without these overrides; if {Path(run_dir) / 'config.yaml'} itself differs, restore "
-            f"those keys in it) or start a new run with another run_dir=... Keys that may change on resume: "
-            f"{allowed}")
+            "on resume:\n" + "\n".join("  " + d for d in diff) + "\nResume with the run's own values (`selfsup "
+            f"train --resume {run_dir}` without these overrides; if {Path(run_dir) / 'config.yaml'} itself "
+            f"differs, restore those keys in it) or start a new run with another run_dir=... Keys that may "
+            f"change on resume: {allowed}")
+
+    check_resume(OmegaConf.to_container(saved), OmegaConf.to_container(cfg), RESUME_MAY_CHANGE, refuse)
 
 
 @dataclass
@@ -157,7 +166,7 @@ def _decide(cfg, resume: str | None) -> tuple[str, dict | None, str | None]:
     anything is written."""
     if resume:
         ckpt = load_checkpoint(checkpoint_path(resume))
-        check_resume(cfg, ckpt["config"], resume)
+        check_run_resume(cfg, ckpt["config"], resume)
         return str(resume), ckpt, None
     if cfg.run_dir is None:
         if cfg.train.resume == "auto":
@@ -168,14 +177,14 @@ def _decide(cfg, resume: str | None) -> tuple[str, dict | None, str | None]:
     run_dir, auto = Path(cfg.run_dir), cfg.train.resume == "auto"
     if auto and checkpoint_path(run_dir).exists():
         ckpt = load_checkpoint(checkpoint_path(run_dir))
-        check_resume(cfg, ckpt["config"], run_dir)
+        check_run_resume(cfg, ckpt["config"], run_dir)
         D.say(f"train.resume=auto: {run_dir} holds a checkpoint, resuming it")
         return str(run_dir), ckpt, None
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir '{run_dir}' is a file, not a folder: choose another run_dir=...")
     if _non_empty(run_dir):
         if auto and (run_dir / "config.yaml").is_file():   # a start of this run killed before its first checkpoint
-            check_resume(cfg, (run_dir / "config.yaml").read_text(), run_dir)
+            check_run_resume(cfg, (run_dir / "config.yaml").read_text(), run_dir)
             D.say(f"train.resume=auto: {run_dir} holds no checkpoint yet, starting it over")
             return str(run_dir), None, None
         if checkpoint_path(run_dir).exists():

@@ -6,6 +6,7 @@ config means the same device, precision and threads everywhere.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ..errors import ConfigError
 from ..parallel import distributed as D
 
 __all__ = ["Env", "setup_env", "resolve_device", "data_on_device", "autocast_dtype", "configure_torch",
-           "use_channels_last", "keep_freed_memory"]
+           "use_channels_last", "keep_freed_memory", "sync_batchnorm", "ddp_wrap", "hash_seed"]
 
 # Device types that data.on_device moves in-memory datasets to. On a CPU the data is already there; the
 # tests add "cpu" to run the accelerator's placement branch (datasets, labels and indices moved) on CI.
@@ -126,3 +127,32 @@ def keep_freed_memory() -> None:
         libc.mallopt(-3, 1 << 25)   # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's maximum) from the heap
     except (OSError, AttributeError):   # not glibc
         pass
+
+
+def sync_batchnorm(model: nn.Module, env: Env, wanted: bool) -> nn.Module:
+    """`model` with synchronised BatchNorm when `wanted` under several GPU processes (torch's
+    SyncBatchNorm has no CPU kernel), else `model` as it is. The parameters stay the same objects."""
+    if wanted and env.world > 1 and env.device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def ddp_wrap(model: nn.Module, env: Env, ignored: list | tuple = ()) -> nn.Module:
+    """What a loop calls: `model` in DistributedDataParallel under several processes (on this
+    process's GPU, if any), `model` itself in one. `ignored`: parameter and buffer names DDP leaves
+    alone (no broadcast, no gradient sync)."""
+    if env.world == 1:
+        return model
+    if ignored:
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignored))
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+
+def hash_seed(*parts) -> int:
+    """A 63-bit seed that depends only on `parts` (ints and strings by their text, bytes as they are,
+    joined by ":"): the first 8 bytes of their sha256, little-endian, shifted right by one. For seeds
+    that must not depend on what was drawn before: each detection iteration's, a stream re-seeded
+    on resume."""
+    text = b":".join(p if isinstance(p, bytes) else str(p).encode() for p in parts)
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1

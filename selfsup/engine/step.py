@@ -1,6 +1,6 @@
 """The training step, and the model and optimiser it runs on.
 
-`Step` is the one training step of the project: the trainer runs it, and `selfsup bench throughput`
+`TrainStep` is the one training step of the project: the trainer runs it, and `selfsup bench throughput`
 times this same object (a test checks that), so a benchmark figure is a figure of the real step.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from ..methods import Method, build_method
 from ..methods.base import chunks
 from ..optim import build_optimizer, build_scheduler, param_groups
 from .guard import BNSnapshot
-from .setup import Env, use_channels_last
+from .setup import Env, ddp_wrap, sync_batchnorm, use_channels_last
 
-__all__ = ["Step", "build_model", "make_optimizer", "micro_batch_line", "wrap_model"]
+__all__ = ["TrainStep", "build_model", "make_optimizer", "micro_batch_line", "wrap_model"]
 
 
 def build_model(cfg, num_samples: int, env: Env, encoder_state: dict | None = None) -> tuple[Method, bool]:
@@ -35,9 +35,7 @@ def build_model(cfg, num_samples: int, env: Env, encoder_state: dict | None = No
     channels_last = use_channels_last(cfg, model, env.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if env.world > 1 and cfg.train.sync_bn and env.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model, channels_last
+    return sync_batchnorm(model, env, cfg.train.sync_bn), channels_last
 
 
 def check_input_size(backbone: nn.Module, size: int) -> None:
@@ -72,11 +70,7 @@ def wrap_model(model: Method, cfg, env: Env) -> nn.Module:
         same = model.rank_identical_buffers()
         for name in same:
             dist.broadcast(model.get_buffer(name), src=0)
-        ignored = model.ddp_ignored() + same   # no broadcast, no gradient sync
-        if ignored:
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        net = ddp_wrap(model, env, model.ddp_ignored() + same)
     if cfg.train.compile:
         net = torch.compile(net)
     return net
@@ -100,7 +94,7 @@ def micro_batch_line(cfg, world: int, model: nn.Module) -> str:
     return line
 
 
-class Step:
+class TrainStep:
     """One training step: forward under autocast, backward, the optimiser step, the method's own row
     update, the lr schedule and the method's after-step hook (EMA, queue, bank).
 
@@ -172,7 +166,7 @@ class Step:
         with torch.no_grad(), self._autocast(views):
             encoded = []
             for p in parts:
-                rng.append(_rng_state(dev))
+                rng.append(_get_rng_state(dev))
                 encoded.append(model.encode([v[p] for v in views]))
         self._bn.restore()
         reps = [torch.cat(r).requires_grad_() for r in zip(*encoded)]
@@ -181,7 +175,7 @@ class Step:
             out = model.loss(reps, ctx, index)
         out["loss"].backward()   # the representations' gradients (and the method's own rows')
         grads = [r.grad for r in reps]
-        end = _rng_state(dev)
+        end = _get_rng_state(dev)
         for i, (p, state) in enumerate(zip(parts, rng)):
             _set_rng_state(dev, state)
             torch.autograd.backward(self._encode(views, index, p, i == len(parts) - 1), [g[p] for g in grads])
@@ -204,7 +198,7 @@ class Step:
         return out
 
 
-def _rng_state(device: torch.device) -> tuple:
+def _get_rng_state(device: torch.device) -> tuple:
     """The global CPU RNG state, and the device's when it has its own generator."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 

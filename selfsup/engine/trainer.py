@@ -3,8 +3,8 @@
     setup.py      the process group, device, precision, threads          -> Env
     runs.py       the run directory (fresh, or the run to resume)
     data.py       the training set, its index schedule, each step's views -> TrainData
-    step.py       the model, the optimiser, and the one training step     -> Step
-    guard.py      what a NaN or infinite loss does (train.nonfinite)
+    step.py       the model, the optimiser, and the one training step     -> TrainStep
+    guard.py      what a NaN or infinite loss does (train.nonfinite)      -> Guard
     signals.py    SIGTERM / SIGINT: finish the step, checkpoint, exit resumable (preemption)
     checkpoint.py what a checkpoint holds, written atomically             -> RunState
     logging.py    metrics.jsonl and TensorBoard
@@ -14,10 +14,8 @@
 """
 from __future__ import annotations
 
-import math
 import shlex
 import time
-import warnings
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -29,17 +27,17 @@ from ..eval.features import extract_features
 from ..eval.monitor import monitor_eval
 from ..parallel import distributed as D
 from ..progress import Progress
-from .checkpoint import RunState, capture, load_checkpoint, restore, save_checkpoint
+from .checkpoint import RunState, capture, restore, save_checkpoint
 from .collapse import CollapseAlarm, embedding_stats
 from .data import TrainData
 from .export import export_encoder, read_export
-from .guard import BNSnapshot, all_finite, check_params, nonfinite_error, scale_lr
+from .guard import Guard, check_params
 from .logging import MetricLogger
 from .runs import checkpoint_path, open_run
 from .setup import setup_env
 from .signals import StopSignals, stopped
 from .trackers import Trackers, check_trackers
-from .step import Step, build_model, check_input_size, make_optimizer, micro_batch_line, wrap_model
+from .step import TrainStep, build_model, check_input_size, make_optimizer, micro_batch_line, wrap_model
 
 __all__ = ["Trainer", "train", "NonFiniteLossError", "export_encoder"]
 
@@ -108,12 +106,12 @@ class Trainer:
             self._resume(ckpt)
         else:
             self.model.init_from_data(self._encode)   # a fresh start: state that starts from the data
-        self.step = Step(self.model, wrap_model(self.model, cfg, self.env), opt, sched, self.env.amp,
+        self.step = TrainStep(self.model, wrap_model(self.model, cfg, self.env), opt, sched, self.env.amp,
                          cfg.train.micro_batch)
         if self.env.main and (line := micro_batch_line(cfg, self.env.world, self.model)):
             print(line)
-        self.guarded = cfg.train.nonfinite != "stop"
-        self.bn = BNSnapshot(self.model, self.guarded)
+        self.guard = Guard(cfg.train, self.model, self.env.device, checkpoint_path(self.run_dir),
+                           self.data.steps_per_epoch, self.data.restart, self.logger)
         self.saved_step, self.skipped_images, self.knn, self.knn_step = -1, 0, {}, -1
         self.alarm = CollapseAlarm(cfg.log.collapse_std, cfg.log.collapse_rank)
         self.last = {"step": self.state.step}
@@ -187,13 +185,16 @@ class Trainer:
     def _train_step(self) -> None:
         """One step of the run: data, forward/backward, the guard, the update, then what is due."""
         s, t = self.state, self.cfg.train
-        self.bn.save()
+        self.guard.bn.save()
         batch = self.data.next(self.model, s.step, self.channels_last)
         if batch.skipped:
             self._log_skipped(batch.skipped)
         out = self.step.forward_backward(batch.views, batch.index)
-        if not self._loss_ok(out["loss"]):
-            self._on_nonfinite(out["loss"])
+        if not self.guard.loss_ok(out["loss"], s.step):
+            if self.guard.recover(out["loss"], s) == "skip":
+                self.bar.update(1)
+            else:
+                self.bar.reset(self.data.total_steps, s.step)
             return
         self.step.update()
         s.step += 1
@@ -228,66 +229,10 @@ class Trainer:
         """Training seconds of the run, over every process that took part in it."""
         return self.state.elapsed_before + time.perf_counter() - self.t_start
 
-    # ------------------------------------------------------------------ non-finite values
-    def _check_finite(self, loss) -> None:
-        """NonFiniteLossError on every rank when the loss is not finite on any (a collective under torchrun:
-        every rank takes the same branch, none is left waiting in the next step's collective)."""
-        losses = D.all_gather_no_grad(loss.detach().float().reshape(1), check_shapes=False).tolist()
-        bad = [(r, v) for r, v in enumerate(losses) if not math.isfinite(v)]
-        if bad:
-            n = len(losses)
-            raise self._error(f"loss ({losses[0]})" if n == 1 else
-                              "loss (" + ", ".join(f"rank {r} of {n}: {v}" for r, v in bad) + ")")
-
-    def _error(self, what: str) -> NonFiniteLossError:
-        step = self.state.step
-        return nonfinite_error(what, step, step // self.data.steps_per_epoch, self.run_dir / "checkpoints")
-
-    def _loss_ok(self, loss) -> bool:
-        """skip/rollback: loss and gradients finite on every rank. stop: raise on a non-finite loss (on
-        a GPU only at logging steps: no host sync inside the step)."""
-        if self.guarded:
-            return all_finite(loss, self.model)
-        if self.env.device.type == "cpu" or (self.state.step + 1) % self.cfg.train.log_every == 0:
-            self._check_finite(loss)
-        return True
-
-    def _on_nonfinite(self, loss) -> None:
-        """Drop the step (skip) or go back to the last checkpoint (rollback); lower the lr; log it."""
-        s, t = self.state, self.cfg.train
-        s.nonfinite_events += 1
-        if s.nonfinite_events > t.nonfinite_max:
-            raise self._error(f"loss or gradient (event {s.nonfinite_events}, over train.nonfinite_max="
-                              f"{t.nonfinite_max})")
-        s.opt.zero_grad(set_to_none=True)
-        self.model.discard_step()
-        event = {"event": "nonfinite", "step": s.step, "loss": str(float(loss.detach())), "action": t.nonfinite}
-        if t.nonfinite == "rollback":
-            if not checkpoint_path(self.run_dir).exists():
-                raise self._error("loss or gradient, and no checkpoint to roll back to yet")
-            count = s.nonfinite_events
-            restore(s, load_checkpoint(checkpoint_path(self.run_dir)), self.env.device)
-            self.data.restart()
-            s.nonfinite_events = count
-            event["rolled_back_to"] = s.step
-        event["lr"] = scale_lr(s.opt, s.sched, t.nonfinite_lr_factor)
-        self.logger.log(event)
-        D.say(f"non-finite loss or gradient at step {event['step']}: {t.nonfinite}, lr now "
-              f"{event['lr']:.3g} ({s.nonfinite_events}/{t.nonfinite_max})")
-        if t.nonfinite == "skip":   # the data and the schedule move on; BN statistics as before the step
-            self.bn.restore()
-            with warnings.catch_warnings():   # "scheduler stepped before optimizer": intended here
-                warnings.simplefilter("ignore", UserWarning)
-                s.sched.step()
-            s.step += 1
-            self.bar.update(1)
-        else:
-            self.bar.reset(self.data.total_steps, s.step)
-
     # ------------------------------------------------------------------ logging, monitor, checkpoints
     def _log_train(self, out: dict) -> None:
         s, loss = self.state, out["loss"]
-        self._check_finite(loss)
+        self.guard.check_loss(loss, s.step)
         now = time.perf_counter()
         views_s = ((s.step - self.step_log) * self.cfg.train.batch_size * self.model.n_views
                    / max(now - self.t_log, 1e-9))

@@ -73,23 +73,23 @@ def test_unknown_settings_raise():
 
 
 def test_the_bench_times_the_trainers_own_step(monkeypatch, tmp_path):
-    """`selfsup bench throughput` runs the trainer's Step, not a copy of it: the class's two halves,
+    """`selfsup bench throughput` runs the trainer's TrainStep, not a copy of it: the class's two halves,
     patched with counters, see every bench step (CPU priming 1 + two modes x (1 warm-up + 2 timed +
     2 memory steps: RSS, tensors)), and every step of a training run."""
     from conftest import TINY
     from selfsup.config import load_config
-    from selfsup.engine.step import Step
+    from selfsup.engine.step import TrainStep
     from selfsup.engine.trainer import train
 
     calls = {"forward_backward": 0, "update": 0}
     for name in calls:
-        real = getattr(Step, name)
+        real = getattr(TrainStep, name)
 
         def counted(self, *a, _real=real, _name=name):
             calls[_name] += 1
             return _real(self, *a)
 
-        monkeypatch.setattr(Step, name, counted)
+        monkeypatch.setattr(TrainStep, name, counted)
     run({"quick": True, "warmup": 1, "steps": 2, "device": "cpu"})   # the CPU priming run is counted too
     assert calls == {"forward_backward": 11, "update": 11}
     calls.update(forward_backward=0, update=0)
@@ -107,17 +107,17 @@ def test_the_classifier_bench_runs_pics_row_update():
 
 def test_one_row_per_micro_batch_and_checkpointing_pair(tmp_path, monkeypatch):
     """--micro-batch / --checkpointing lists: every pair measured, in order, with its own memory figures;
-    the trainer's Step gets the micro-batch (train.micro_batch), the backbone the checkpointing."""
-    from selfsup.engine.step import Step
+    the trainer's TrainStep gets the micro-batch (train.micro_batch), the backbone the checkpointing."""
+    from selfsup.engine.step import TrainStep
 
     seen = []
-    real_init = Step.__init__
+    real_init = TrainStep.__init__
 
     def init(self, model, *a):
         seen.append((a[-1] if len(a) == 5 else None, model.backbone.checkpointing))
         real_init(self, model, *a)
 
-    monkeypatch.setattr(Step, "__init__", init)
+    monkeypatch.setattr(TrainStep, "__init__", init)
     out = tmp_path / "mem.json"
     res = run({"quick": True, "modes": ["synthetic"], "micro_batch": "none,8", "checkpointing": "off,on",
                "device": "cpu", "out": str(out)})

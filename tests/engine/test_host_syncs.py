@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from selfsup.config import load_config
-from selfsup.engine.step import Step, make_optimizer
+from selfsup.engine.step import TrainStep, make_optimizer
 from selfsup.instance import no_host_checks
 from selfsup.methods import build_method
 
@@ -85,7 +85,7 @@ def build(method, device="cpu"):
     model.setup(N)
     model = model.to(device).train()
     opt, sched = make_optimizer(model, cfg, 10)
-    return model, Step(model, model, opt, sched, None, None)
+    return model, TrainStep(model, model, opt, sched, None, None)
 
 
 def batches(model, steps, device="cpu", size=16):

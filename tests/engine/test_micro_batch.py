@@ -19,8 +19,8 @@ from torch import nn
 
 from selfsup.config import load_config
 from selfsup.engine import step as step_module
-from selfsup.engine.runs import check_resume
-from selfsup.engine.step import Step, make_optimizer, micro_batch_line
+from selfsup.engine.runs import check_run_resume
+from selfsup.engine.step import TrainStep, make_optimizer, micro_batch_line
 from selfsup.methods.base import chunks
 from selfsup.engine.trainer import train
 from selfsup.errors import ConfigError
@@ -76,9 +76,9 @@ def batches(steps: int, size: int = 16, n_views: int = 2):
 
 
 def run_steps(cfg, model, micro, data):
-    """Whole steps with Step(micro_batch=micro): each step's gradients, the last outputs, the final state."""
+    """Whole steps with TrainStep(micro_batch=micro): each step's gradients, the last outputs, the final state."""
     opt, sched = make_optimizer(model, cfg, 10)
-    step, grads, out = Step(model, model, opt, sched, None, micro), [], None
+    step, grads, out = TrainStep(model, model, opt, sched, None, micro), [], None
     for i, (views, index) in enumerate(data):
         torch.manual_seed(100 + i)
         out = step.forward_backward(views, index)
@@ -133,7 +133,7 @@ def test_simclr_with_batchnorm_equals_a_ghost_bn_reference():
     loss = nt_xent(torch.cat(z1), torch.cat(z2), ref.temperature)
     loss.backward()
     opt, sched = make_optimizer(model, cfg, 10)
-    out = Step(model, model, opt, sched, None, 3).forward_backward(views, index)
+    out = TrainStep(model, model, opt, sched, None, 3).forward_backward(views, index)
     torch.testing.assert_close(out["loss"], loss.detach(), rtol=1e-12, atol=0)
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert_close_dicts(grads, {n: p.grad for n, p in ref.named_parameters()}, "grad")
@@ -157,7 +157,7 @@ def test_moco_with_batchnorm_and_split_bn_equals_a_ghost_bn_reference():
     loss.backward()
     opt, sched = make_optimizer(model, cfg, 10)
     torch.manual_seed(5)
-    out = Step(model, model, opt, sched, None, 3).forward_backward(views, index)
+    out = TrainStep(model, model, opt, sched, None, 3).forward_backward(views, index)
     torch.testing.assert_close(out["loss"], loss.detach(), rtol=1e-12, atol=0)
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert_close_dicts(grads, {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}, "grad")
@@ -177,7 +177,7 @@ def _drop_path_grads(replay: bool, monkeypatch):
         monkeypatch.setattr(step_module, "_set_rng_state", lambda *a: None)
     opt, sched = make_optimizer(model, cfg, 10)
     torch.manual_seed(9)
-    Step(model, model, opt, sched, None, 5).forward_backward(views, index)
+    TrainStep(model, model, opt, sched, None, 5).forward_backward(views, index)
     names = [n for n, p in model.named_parameters() if p.grad is not None]
     return torch.cat([model.get_parameter(n).grad.flatten() for n in names]), \
         torch.cat([ref.get_parameter(n).grad.flatten() for n in names])
@@ -218,7 +218,7 @@ def _ddp_worker(rank, world, method, micro):
     _, full_gathers = _count_gathers(lambda: copy.deepcopy(model)(views, index))
     opt, sched = make_optimizer(model, cfg, 10)
     torch.manual_seed(11)
-    step = Step(model, DDP(model), opt, sched, None, micro)
+    step = TrainStep(model, DDP(model), opt, sched, None, micro)
     out, gathers = _count_gathers(lambda: step.forward_backward(views, index))
     assert gathers == full_gathers, (gathers, full_gathers)   # once per step, not once per chunk
     return out["loss"].item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -254,7 +254,7 @@ def _shuffle_bn_worker(rank, world):
     info_nce(q, k, ref.queue, ref.temperature).backward()
     opt, sched = make_optimizer(model, cfg, 10)
     torch.manual_seed(13)
-    Step(model, DDP(model, broadcast_buffers=False), opt, sched, None, 3).forward_backward(views, index)
+    TrainStep(model, DDP(model, broadcast_buffers=False), opt, sched, None, 3).forward_backward(views, index)
     for (n, p), r in zip(model.named_parameters(), ref.parameters()):
         if p.requires_grad:
             dist.all_reduce(r.grad)
@@ -277,9 +277,9 @@ def test_resume_with_micro_batches_is_exact(tmp_path):
 def test_the_memory_knobs_may_change_on_resume_and_the_batch_may_not(tmp_path):
     cfg = load_config(None, TINY + ["train.micro_batch=12"])
     saved = OmegaConf.to_yaml(cfg)
-    check_resume(load_config(None, TINY + ["train.micro_batch=4", "model.checkpointing=true"]), saved, tmp_path)
+    check_run_resume(load_config(None, TINY + ["train.micro_batch=4", "model.checkpointing=true"]), saved, tmp_path)
     with pytest.raises(ConfigError, match="train.batch_size: 32 -> 64"):
-        check_resume(load_config(None, TINY + ["train.micro_batch=12", "train.batch_size=64"]), saved, tmp_path)
+        check_run_resume(load_config(None, TINY + ["train.micro_batch=12", "train.batch_size=64"]), saved, tmp_path)
 
 
 def test_chunks_are_the_fewest_of_at_most_m_and_alike():

@@ -76,7 +76,7 @@ def full_disk(monkeypatch):
 
 
 def test_a_write_cut_short_keeps_the_old_eval_json_and_report(tmp_path, full_disk, monkeypatch):
-    from selfsup.cli import _save_eval
+    from selfsup.eval.results import save_eval as _save_eval
     from selfsup.eval import report
 
     monkeypatch.setattr(report, "environment", lambda: {"python": "3"})   # no git, no torchvision: fast

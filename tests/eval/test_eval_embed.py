@@ -9,7 +9,8 @@ from google.protobuf import text_format
 from PIL import Image
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
-from selfsup.cli import load_run_encoder, main
+from selfsup.cli import main
+from selfsup.engine.load import load_run_encoder
 from selfsup.data.splits import load_split
 from selfsup.eval.embed import sprite_image, subset_indices
 from selfsup.eval.features import extract_features

@@ -4,7 +4,7 @@ The reference step is the unfused one: ``cosine_softmax`` leaves the dense row g
 ``row_sgd_`` moves the rows and their momentum.  The fused step's backward applies the same update
 chunk by chunk.  Compared after two steps (the second one with momentum): the losses, the rows, the
 momentum and the features' gradient; for the full softmax and sampled negatives, plain and smoothed
-labels, several chunk / tile layouts, rows sharded over 2 gloo ranks, PIC through the engine's Step
+labels, several chunk / tile layouts, rows sharded over 2 gloo ranks, PIC through the engine's TrainStep
 with and without train.micro_batch (gradient caching), and small crops on detached rows.
 """
 import pytest
@@ -253,10 +253,10 @@ def _pic(overrides, n=40):
 
 
 def _pic_steps(cfg, model, micro, steps=2, b=8, n=40, size=2):
-    from selfsup.engine.step import Step, make_optimizer
+    from selfsup.engine.step import TrainStep, make_optimizer
 
     opt, sched = make_optimizer(model, cfg, 10)
-    step = Step(model, model, opt, sched, None, micro)
+    step = TrainStep(model, model, opt, sched, None, micro)
     g = torch.Generator().manual_seed(1)
     losses, fused = [], []
     for _ in range(steps):
