@@ -191,6 +191,21 @@ def _measure(n, dim, batch_local, mode, device, num_recent, chunk, warmup, repea
              seed=0, path="reference", fused_chunk=None):
     """Time ``warmup + repeats`` head steps on this rank (distributed if a group is up). Returns a dict."""
     device = torch.device(device)
+    step, state_bytes = _head_step(n, dim, batch_local, mode, device, num_recent, chunk, temperature, amp, seed,
+                                   path == "fused", fused_chunk)
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    res = _timed(step, warmup, repeats, device)
+    tile = _fused_tile(device, batch_local, dim, fused_chunk) if path == "fused" else None
+    return dict(**res, state_bytes=state_bytes, chunk=tile,
+                load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+
+
+def _head_step(n, dim, batch_local, mode, device, num_recent, chunk, temperature, amp, seed, fused, fused_chunk):
+    """(step(i) -> loss, bytes of rows + momentum (+ FIFO)): PIC's head step on fixed random features and
+    targets: targets gathered once, forward + backward, the row update (inside the backward when `fused`),
+    the FIFO push (sampled mode)."""
     g = torch.Generator().manual_seed(seed + (dist.get_rank() if dist.is_initialized() else 0))
     clf = InstanceClassifier(n, dim, temperature=temperature, chunk_size=chunk, seed=seed, device=device,
                              fused_chunk_size=fused_chunk)
@@ -205,10 +220,7 @@ def _measure(n, dim, batch_local, mode, device, num_recent, chunk, warmup, repea
     zs = [torch.randn(batch_local, dim, generator=g).to(device) for _ in range(2)]
     ys = [torch.randint(0, n, (batch_local,), generator=g).to(device) for _ in range(2)]
 
-    fused = path == "fused"
-
     def step(i):
-        """PIC's head step: targets gathered once, forward + backward, the row update, the FIFO push."""
         z = zs[i % 2].clone().requires_grad_()
         targets = Targets(all_gather_no_grad(ys[i % 2]))
         rows = clf.select(fifo.candidates(targets.ids)) if fifo is not None else clf.shard()
@@ -222,9 +234,13 @@ def _measure(n, dim, batch_local, mode, device, num_recent, chunk, warmup, repea
             fifo.push(targets.ids)
         return loss
 
-    for i in range(warmup):
-        step(i)
-    sync(device)
+    return step, state_bytes
+
+
+def _timed(step, first: int, repeats: int, device) -> dict:
+    """Steps first .. first + repeats - 1, each timed alone (ranks in step by a barrier): mean and min
+    step seconds, the last loss, the peak extra memory (CUDA allocated; CPU RSS sampled), the CPU share
+    other processes used meanwhile (`others`) and this process's (`own`)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -238,7 +254,7 @@ def _measure(n, dim, batch_local, mode, device, num_recent, chunk, warmup, repea
             if dist.is_initialized():
                 dist.barrier()
             t0 = time.perf_counter()
-            loss = step(warmup + i)
+            loss = step(first + i)
             sync(device)
             times.append(time.perf_counter() - t0)
     finally:
@@ -246,16 +262,17 @@ def _measure(n, dim, batch_local, mode, device, num_recent, chunk, warmup, repea
             probe.__exit__(None, None, None)
     peak_extra = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else probe.peak - probe.base
     end, cpus = cpu_snapshot(), os.cpu_count() or 1
-    others = others_share(snap, end, cpus)
     own = None if snap is None or end is None else (end[2] - snap[2]) / max(1e-9, (end[0] - snap[0]) * cpus)
-    tile = None
-    if fused:   # [chunk, tile] as the fused step picks them (fused.fused_cosine_softmax)
-        c, t = fused_chunk_size(device, batch_local * (dist.get_world_size() if dist.is_initialized() else 1), dim)
-        tile = list(fused_chunk) if isinstance(fused_chunk, tuple) else [fused_chunk, min(t, fused_chunk)] \
-            if fused_chunk is not None else [c, t]
-    return dict(step_s=sum(times) / len(times), min_step_s=min(times), state_bytes=state_bytes,
-                peak_extra_bytes=max(0, peak_extra), loss=float(loss.detach()), others=others, own=own,
-                load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None, chunk=tile)
+    return dict(step_s=sum(times) / len(times), min_step_s=min(times), peak_extra_bytes=max(0, peak_extra),
+                loss=float(loss.detach()), others=others_share(snap, end, cpus), own=own)
+
+
+def _fused_tile(device, batch_local: int, dim: int, fused_chunk) -> list:
+    """[chunk, tile] as the fused step picks them (fused.fused_cosine_softmax)."""
+    c, t = fused_chunk_size(device, batch_local * (dist.get_world_size() if dist.is_initialized() else 1), dim)
+    if fused_chunk is None:
+        return [c, t]
+    return list(fused_chunk) if isinstance(fused_chunk, tuple) else [fused_chunk, min(t, fused_chunk)]
 
 
 def _rank_main(rank, world, backend, store_dir, kwargs, threads, device_type):

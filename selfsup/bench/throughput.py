@@ -65,7 +65,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..config import load_config, uses_stream
 from ..data.datasets import build_dataset
 from ..data.splits import load_split
-from ..engine.data import TrainData
+from ..engine.data import TrainData, crop_specs, make_views
 from ..engine.setup import Env, autocast_dtype, configure_torch, data_on_device, keep_freed_memory, resolve_device
 from ..engine.step import TrainStep, build_model, make_optimizer, wrap_model
 from ..errors import DatasetNotFoundError
@@ -202,7 +202,7 @@ def _build_step(mode, cfg, ds, env) -> dict:
     opt, sched = make_optimizer(model, cfg, data.steps_per_epoch)
     step = TrainStep(model, wrap_model(model, cfg, env), opt, sched, env.amp, cfg.train.micro_batch)   # as the trainer
     step.net.train()
-    augs, b = model.view_augs(data.aug), cfg.train.batch_size
+    augs, b, specs = model.view_augs(data.aug), cfg.train.batch_size, crop_specs(model, data.aug)
     if mode == "synthetic":
         g = torch.Generator().manual_seed(cfg.seed + 1)
         fixed = [torch.randn(b, 3, a.size, a.size, generator=g).to(device) for a in augs]
@@ -214,8 +214,8 @@ def _build_step(mode, cfg, ds, env) -> dict:
         """The trainer's data path of step i -> (views, index on the device)."""
         if mode == "synthetic":
             return fixed, fixed_index
-        batch = data.next(model, i, channels_last)
-        return batch.views, batch.index
+        batch = data.next(i, specs)
+        return make_views(model, data, batch, channels_last), batch.index
 
     def train_part(views, index):
         return step.step(views, index)["loss"]

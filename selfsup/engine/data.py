@@ -20,17 +20,33 @@ from ..data.splits import load_split
 from ..errors import ConfigError
 from .setup import Env, data_on_device
 
-__all__ = ["TrainData", "Batch"]
+__all__ = ["TrainData", "Batch", "crop_specs", "make_views"]
 
 
 @dataclass
 class Batch:
-    """One step's data: the views (float, on the device), this rank's instance indices (on the
-    device) and the locations of unreadable images replaced by others (streamed data, on_error=skip)."""
+    """One step's data: its images (uint8 on the device; for streamed data, a list holding each view's
+    random-resized crops, cut while decoding: `precropped`), this rank's instance indices (on the device)
+    and the locations of unreadable images replaced by others (streamed data, on_error=skip).
+    :func:`make_views` turns it into the method's views."""
 
-    views: list
+    images: object
     index: torch.Tensor
     skipped: list
+    precropped: bool = False
+
+
+def crop_specs(model, aug) -> list:
+    """(size, crop scale, crop ratio) of each of the method's views: what the stream loader cuts while decoding."""
+    return [(a.size, a.crop_scale, a.crop_ratio) for a in model.view_augs(aug)]
+
+
+def make_views(model, data: "TrainData", batch: Batch, channels_last: bool) -> list:
+    """The method's views of `batch` (its `make_views`, with the run's augmentation and random stream)."""
+    views = model.make_views(batch.images, data.aug, data.aug_gen, precropped=batch.precropped)
+    if channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    return views
 
 
 class TrainData:
@@ -85,33 +101,28 @@ class TrainData:
         """Forget the stream loader (after a resume or rollback moved the schedule)."""
         self._batches = None
 
-    def next(self, model, step: int, channels_last: bool) -> Batch:
-        """Advance the schedule by one step and return its views for `model` (its `make_views`)."""
+    def next(self, step: int, specs: list) -> Batch:
+        """Advance the schedule by one step and return its images. `specs`: each view's crop
+        (:func:`crop_specs`), which the stream loader cuts while decoding."""
         env = self.env
-        batches = self._stream(model, step) if self.stream else None   # started before the schedule moves
+        batches = self._stream(step, specs) if self.stream else None   # started before the schedule moves
         index = self.sampler.next_batch(env.rank, env.world)
-        skipped = []
         if batches is not None:
             got, crops, skipped = next(batches)
             if not torch.equal(got, index):
                 raise RuntimeError(f"the data loader is out of step with the index schedule at step {step}")
-            views = model.make_views(crops, self.aug, self.aug_gen, precropped=True)
-        else:
-            if env.device.type == "cuda":   # an asynchronous copy: no host sync inside the step
-                index = index.pin_memory().to(env.device, non_blocking=True)
-            images = self.ds.images[index.to(self.ds.images.device)].to(env.device, non_blocking=True)
-            views = model.make_views(images, self.aug, self.aug_gen)
-        if channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        return Batch(views, index.to(env.device, non_blocking=True), skipped)
+            return Batch(crops, index.to(env.device, non_blocking=True), skipped, precropped=True)
+        if env.device.type == "cuda":   # an asynchronous copy: no host sync inside the step
+            index = index.pin_memory().to(env.device, non_blocking=True)
+        images = self.ds.images[index.to(self.ds.images.device)].to(env.device, non_blocking=True)
+        return Batch(images, index.to(env.device, non_blocking=True), [])
 
-    def _stream(self, model, step: int):
+    def _stream(self, step: int, specs: list):
         """The stream loader's iterator, started at `step` on a copy of the schedule's position."""
         if self._batches is None:
             d, env = self.cfg.data, self.env
             schedule = self.make_schedule()
             schedule.load_state_dict(self.sampler.state_dict())
-            specs = [(a.size, a.crop_scale, a.crop_ratio) for a in model.view_augs(self.aug)]
             self._batches = iter(StreamLoader(
                 self.ds, specs, schedule, rank=env.rank, world=env.world, start=step, total=self.total_steps,
                 seed=self.cfg.seed, workers=d.num_workers, device=env.device, decode=d.decode, on_error=d.on_error,

@@ -29,7 +29,7 @@ from ..parallel import distributed as D
 from ..progress import Progress
 from .checkpoint import RunState, capture, restore, save_checkpoint
 from .collapse import CollapseAlarm, embedding_stats
-from .data import TrainData
+from .data import TrainData, crop_specs, make_views
 from .export import export_encoder, read_export
 from .guard import Guard, check_params
 from .logging import MetricLogger
@@ -106,7 +106,8 @@ class Trainer:
             self._resume(ckpt)
         else:
             self.model.init_from_data(self._encode)   # a fresh start: state that starts from the data
-        self.step = TrainStep(self.model, wrap_model(self.model, cfg, self.env), opt, sched, self.env.amp,
+        self.crops = crop_specs(self.model, self.data.aug)   # what streamed data cuts while decoding
+        self.train_step = TrainStep(self.model, wrap_model(self.model, cfg, self.env), opt, sched, self.env.amp,
                          cfg.train.micro_batch)
         if self.env.main and (line := micro_batch_line(cfg, self.env.world, self.model)):
             print(line)
@@ -162,7 +163,7 @@ class Trainer:
         self.t_start = time.perf_counter()
         self.t_log, self.step_log = self.t_start, s.step
         self.bar = Progress(total, "train", initial=s.step, every_s=self.cfg.train.progress_s, enabled=self.env.main)
-        self.step.net.train()
+        self.train_step.net.train()
         with StopSignals() as stop:   # SIGTERM / SIGINT: checkpoint and stop after the step (signals.py)
             while s.step < total:
                 self._train_step()
@@ -186,17 +187,18 @@ class Trainer:
         """One step of the run: data, forward/backward, the guard, the update, then what is due."""
         s, t = self.state, self.cfg.train
         self.guard.bn.save()
-        batch = self.data.next(self.model, s.step, self.channels_last)
+        batch = self.data.next(s.step, self.crops)
         if batch.skipped:
             self._log_skipped(batch.skipped)
-        out = self.step.forward_backward(batch.views, batch.index)
+        views = make_views(self.model, self.data, batch, self.channels_last)
+        out = self.train_step.forward_backward(views, batch.index)
         if not self.guard.loss_ok(out["loss"], s.step):
             if self.guard.recover(out["loss"], s) == "skip":
                 self.bar.update(1)
             else:
                 self.bar.reset(self.data.total_steps, s.step)
             return
-        self.step.update()
+        self.train_step.update()
         s.step += 1
         if s.step % t.log_every == 0 or s.step == self.data.total_steps:
             self._log_train(out)

@@ -49,7 +49,7 @@ def _train(rank, world, preset, overrides):
 
     t = Trainer(load_config(preset, overrides))
     t.fit()
-    m, net = t.model, t.step.net
+    m, net = t.model, t.train_step.net
     same = {n: m.get_buffer(n).clone() for n in m.rank_identical_buffers()}
     return same, sorted(net.named_module_buffers), sorted(n for n, _ in m.named_buffers())
 
