@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from ..atomic import write_text
+
 
 @dataclass(frozen=True)
 class Bench:
@@ -81,14 +83,6 @@ def write_json(res: dict, out: str | None) -> dict:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         write_text(out, json.dumps(res, indent=2) + "\n")
     return res
-
-
-def write_text(path, text: str) -> None:
-    """`text` into `path` through a temporary file and a rename: a reader never sees half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def text_table(rows: list[dict], columns: list[tuple]) -> str:

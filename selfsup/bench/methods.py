@@ -45,7 +45,8 @@ from ..errors import ConfigError
 from ..eval.baselines import pixel_baseline, random_init_baseline
 from ..eval.linear import linear_eval
 from ..eval.monitor import knn_eval, knn_protocol
-from .common import Bench, RssPeak, device_name, progress, text_table, write_text
+from ..atomic import write_text
+from .common import Bench, RssPeak, device_name, progress, text_table
 
 __all__ = ["BENCH", "run", "main", "DEFAULTS", "QUICK", "default_presets", "plot_methods"]
 

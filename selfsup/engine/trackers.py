@@ -20,6 +20,7 @@ import secrets
 import time
 from pathlib import Path
 
+from ..atomic import write_text
 from ..errors import ConfigError
 
 __all__ = ["check_trackers", "Trackers"]
@@ -78,10 +79,7 @@ class Trackers:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def _save_ids(self) -> None:
-        path = self.run_dir / "trackers.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.ids) + "\n")
-        os.replace(tmp, path)
+        write_text(self.run_dir / "trackers.json", json.dumps(self.ids) + "\n")
 
     def log(self, scalars: dict, step: int) -> None:
         """The numeric fields of one event at `step`."""
